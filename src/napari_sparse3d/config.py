@@ -1,0 +1,221 @@
+"""One configuration object for the engine: nested frozen dataclasses.
+
+The configuration is validated once, when it is built, and round-trips through
+JSON so that it can travel inside every checkpoint.  Presets give sensible
+starting points; ``Config.from_preset("fast", train={"batch_size": 4})``
+overrides single fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["ModelConfig", "TrainConfig", "PredictConfig", "Config", "PRESETS"]
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _triple(name: str, value: Any) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    value = tuple(value)
+    if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ValueError(f"{name} must be three positive integers (z, y, x), got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the 3D U-Net.
+
+    Kernel sizes and strides per level are derived from the voxel spacing
+    (see :func:`napari_sparse3d.model.plan_levels`) unless given explicitly.
+    """
+
+    levels: int = 4
+    base_features: int = 16
+    max_features: int = 256
+    norm: str = "instance"  # "instance" | "batch" | "none"
+    activation: str = "leaky_relu"  # "leaky_relu" | "relu"
+    downsample: str = "maxpool"  # "maxpool" | "conv" (strided convolution)
+    upsample: str = "transpose"  # "transpose" | "trilinear"
+    deep_supervision: bool = False
+    kernel_sizes: tuple[tuple[int, int, int], ...] | None = None
+    strides: tuple[tuple[int, int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("model.levels", self.levels, integer=True)
+        _check_positive("model.base_features", self.base_features, integer=True)
+        _check_positive("model.max_features", self.max_features, integer=True)
+        _check_choice("model.norm", self.norm, ("instance", "batch", "none"))
+        _check_choice("model.activation", self.activation, ("leaky_relu", "relu"))
+        _check_choice("model.downsample", self.downsample, ("maxpool", "conv"))
+        _check_choice("model.upsample", self.upsample, ("transpose", "trilinear"))
+        for name in ("kernel_sizes", "strides"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(_triple(f"model.{name}[{i}]", v) for i, v in enumerate(value))
+            object.__setattr__(self, name, value)
+        if self.kernel_sizes is not None and len(self.kernel_sizes) != self.levels:
+            raise ValueError(
+                f"model.kernel_sizes must have one entry per level ({self.levels}), got {len(self.kernel_sizes)}"
+            )
+        if self.strides is not None and len(self.strides) != self.levels - 1:
+            raise ValueError(
+                f"model.strides must have one entry per downsampling ({self.levels - 1}), got {len(self.strides)}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the network is trained from sparse annotations."""
+
+    patch_size: tuple[int, int, int] | None = None  # None: planned from volume and spacing
+    patch_voxels: int = 48 * 96 * 96  # target size of a planned patch
+    batch_size: int = 2
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    lr_schedule: str = "poly"  # "poly" (decays to the budget) | "constant"
+    grad_clip: float = 12.0
+    dice_weight: float = 1.0  # soft Dice added to cross-entropy; 0 disables it
+    class_balance: str = "sqrt"  # "none" | "sqrt" | "inverse": weights from annotated class frequencies
+    foreground_fraction: float = 1 / 3  # share of patches centred on a foreground voxel
+    flip: bool = True
+    rotate90: bool = True
+    intensity: bool = True
+    precision: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", _triple("train.patch_size", self.patch_size))
+        _check_positive("train.patch_voxels", self.patch_voxels, integer=True)
+        _check_positive("train.batch_size", self.batch_size, integer=True)
+        _check_positive("train.learning_rate", self.learning_rate)
+        _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("train.warmup_steps", self.warmup_steps, integer=True, allow_zero=True)
+        _check_choice("train.lr_schedule", self.lr_schedule, ("poly", "constant"))
+        _check_positive("train.grad_clip", self.grad_clip)
+        _check_positive("train.dice_weight", self.dice_weight, allow_zero=True)
+        _check_choice("train.class_balance", self.class_balance, ("none", "sqrt", "inverse"))
+        _check_positive("train.foreground_fraction", self.foreground_fraction, allow_zero=True)
+        if self.foreground_fraction > 1:
+            raise ValueError(f"train.foreground_fraction must be <= 1, got {self.foreground_fraction!r}")
+        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Sliding-window prediction."""
+
+    overlap: float = 0.5
+    batch_size: int = 2
+    mirror_tta: bool = False
+    gaussian_sigma: float = 0.125  # of the window size, as in nnU-Net
+
+    def __post_init__(self) -> None:
+        _check_positive("predict.overlap", self.overlap, allow_zero=True)
+        if self.overlap >= 1:
+            raise ValueError(f"predict.overlap must be in [0, 1), got {self.overlap!r}")
+        _check_positive("predict.batch_size", self.batch_size, integer=True)
+        _check_positive("predict.gaussian_sigma", self.gaussian_sigma)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole engine configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("predict", PredictConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"config.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        """Build from a nested mapping; unknown keys are an error (typos must not pass silently)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"config must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - {"model", "train", "predict"}
+        if unknown:
+            raise ValueError(f"config has unknown sections {sorted(unknown)}; expected model, train, predict")
+        parts = {}
+        for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("predict", PredictConfig)):
+            section = dict(data.get(name) or {})
+            known = {f.name for f in dataclasses.fields(kind)}
+            bad = set(section) - known
+            if bad:
+                raise ValueError(f"config.{name} has unknown keys {sorted(bad)}; known keys: {sorted(known)}")
+            parts[name] = kind(**section)
+        return cls(**parts)
+
+    @classmethod
+    def from_preset(cls, name: str = "default", **overrides: Mapping[str, Any]) -> "Config":
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        data = {k: dict(v) for k, v in PRESETS[name].items()}
+        for section, values in overrides.items():
+            data.setdefault(section, {}).update(values)
+        return cls.from_dict(data)
+
+    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with some fields changed: ``cfg.replace(train={"batch_size": 1})``."""
+        data = self.to_dict()
+        for section, values in sections.items():
+            if section not in data:
+                raise ValueError(f"config has no section {section!r}")
+            data[section].update(values)
+        return Config.from_dict(data)
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        def plain(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+
+        return {
+            name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
+            for name in ("model", "train", "predict")
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+
+#: Starting points.  "fast" favours many small steps (interactive CPU use);
+#: "default" balances speed and context; "accurate" gives the network more
+#: context and capacity for long runs or a GPU.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {"model": {"base_features": 8, "levels": 4}, "train": {"patch_voxels": 32 * 64 * 64}},
+    "default": {},
+    "accurate": {
+        "model": {"base_features": 32, "levels": 5, "deep_supervision": True},
+        "train": {"patch_voxels": 64 * 128 * 128},
+        "predict": {"mirror_tta": True},
+    },
+}

@@ -1,0 +1,319 @@
+"""Inputs at the boundary: images, labels and annotated slices, checked once.
+
+Everything a user can hand to :func:`napari_sparse3d.run` or
+:func:`napari_sparse3d.predict` passes through here and either comes out in
+a known form or raises a ``TypeError``/``ValueError`` that names the
+argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Volume",
+    "Annotations",
+    "load_array",
+    "save_array",
+    "as_volume",
+    "prepare_annotations",
+    "check_spacing",
+    "check_budget",
+]
+
+ARRAY_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
+
+
+def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
+    """Open a tif, npy or zarr file; zarr and npy stay on disk (lazy or memory-mapped)."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{name}: file {str(p)!r} does not exist")
+    suffix = p.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(p)
+    if suffix == ".npy":
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    if suffix == ".zarr" or (p.is_dir() and (p / "zarr.json").exists() or (p / ".zarray").exists()):
+        import zarr
+
+        node = zarr.open(str(p), mode="r")
+        if isinstance(node, zarr.Array):
+            return node
+        arrays = list(node.array_keys())
+        if len(arrays) == 1:
+            return node[arrays[0]]
+        raise ValueError(
+            f"{name}: {str(p)!r} is a zarr group with arrays {arrays}; give the path of one array (group/array)"
+        )
+    raise ValueError(f"{name}: unsupported file type {suffix!r} of {str(p)!r}; expected one of {ARRAY_SUFFIXES}")
+
+
+def save_array(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write an array as tif, npy or zarr, chosen by the suffix."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    suffix = p.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(p, np.asarray(array), compression="zlib")
+    elif suffix == ".npy":
+        np.save(p, np.asarray(array))
+    elif suffix == ".zarr":
+        import zarr
+
+        z = zarr.create_array(str(p), shape=array.shape, dtype=array.dtype, chunks=_chunks(array.shape), overwrite=True)
+        z[...] = array
+    else:
+        raise ValueError(f"output path {str(p)!r}: unsupported suffix {suffix!r}; expected one of {ARRAY_SUFFIXES}")
+    return p
+
+
+def _chunks(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(min(int(s), 64) for s in shape)
+
+
+def _check_numeric(name: str, array: Any) -> np.dtype:
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        raise TypeError(f"{name} must be an array (numpy, zarr, dask) or a file path, got {type(array).__name__}")
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in "biuf":
+        raise TypeError(f"{name} must have a numeric or boolean dtype, got dtype {dtype}")
+    if any(int(s) == 0 for s in array.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(array.shape)}")
+    return dtype
+
+
+class Volume:
+    """A channel-first view ``(C, Z, Y, X)`` of a numpy, zarr or dask array; reads as float32 on demand."""
+
+    def __init__(self, array: Any, channel_axis: int | None) -> None:
+        self.array = array
+        self.channel_axis = channel_axis
+        shape = tuple(int(s) for s in array.shape)
+        if channel_axis is None:
+            self.shape = (1,) + shape
+        else:
+            spatial = shape[:channel_axis] + shape[channel_axis + 1 :]
+            self.shape = (shape[channel_axis],) + spatial
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return self.shape[1:]  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    def read(self, region: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        """The region (three slices over z, y, x) as a float32 ``(C, z, y, x)`` array."""
+        region = tuple(region) if region is not None else (slice(None),) * 3
+        if self.channel_axis is None:
+            block = np.asarray(self.array[region])[None]
+        else:
+            index = list(region)
+            index.insert(self.channel_axis, slice(None))
+            block = np.moveaxis(np.asarray(self.array[tuple(index)]), self.channel_axis, 0)
+        # always a copy: callers normalise in place and must never touch the user's array
+        return np.array(block, dtype=np.float32, copy=True)
+
+
+def as_volume(image: Any, channel_axis: int | None = None, *, name: str = "image") -> Volume:
+    """Check an image (array or path) and return its channel-first :class:`Volume`."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_array(image, name=name)
+    if isinstance(image, (list, tuple)):
+        image = np.asarray(image)
+    dtype = _check_numeric(name, image)
+    if dtype.kind == "b":
+        image = np.asarray(image, dtype=np.uint8)
+    ndim = len(image.shape)
+    if channel_axis is not None:
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+            raise TypeError(f"channel_axis must be an integer or None, got {channel_axis!r}")
+        if ndim != 4:
+            raise ValueError(f"{name} with a channel_axis must be 4D (3 spatial axes + channels), got shape {image.shape}")
+        if not -4 <= channel_axis < 4:
+            raise ValueError(f"channel_axis must be in [-4, 3] for a 4D {name}, got {channel_axis}")
+        channel_axis = int(channel_axis) % 4
+    elif ndim == 4:
+        raise ValueError(
+            f"{name} is 4D {tuple(image.shape)}; a 3D volume with channels needs channel_axis= naming the channel axis"
+        )
+    elif ndim != 3:
+        raise ValueError(f"{name} must be a 3D volume (Z, Y, X), got {ndim}D with shape {tuple(image.shape)}")
+    return Volume(image, channel_axis)
+
+
+def check_finite(name: str, block: np.ndarray) -> None:
+    if not np.isfinite(block).all():
+        bad = int(np.size(block) - np.count_nonzero(np.isfinite(block)))
+        raise ValueError(f"{name} contains {bad} NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+
+
+def check_spacing(spacing: Any) -> tuple[float, float, float] | None:
+    if spacing is None:
+        return None
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise TypeError(f"spacing must be three numbers (z, y, x) or None, got {spacing!r}") from None
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be three positive finite numbers (z, y, x), got {spacing!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_budget(max_seconds: Any, max_iterations: Any) -> None:
+    if max_seconds is not None:
+        if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float, np.number)):
+            raise TypeError(f"max_seconds must be a number or None, got {max_seconds!r}")
+        if not np.isfinite(max_seconds) or max_seconds <= 0:
+            raise ValueError(f"max_seconds must be a positive finite number of seconds, got {max_seconds!r}")
+    if max_iterations is not None:
+        if isinstance(max_iterations, bool) or not isinstance(max_iterations, (int, np.integer)):
+            raise TypeError(f"max_iterations must be an integer or None, got {max_iterations!r}")
+        if max_iterations <= 0:
+            raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+
+
+def check_slices(annotated_slices: Any, shape: Sequence[int]) -> dict[int, list[int]]:
+    """Validate ``{axis: [indices]}`` against the spatial shape; returns sorted unique indices."""
+    if annotated_slices is None:
+        return {}
+    if not isinstance(annotated_slices, Mapping):
+        raise TypeError(f"annotated_slices must be a dict {{axis: [indices]}}, got {type(annotated_slices).__name__}")
+    out: dict[int, list[int]] = {}
+    for axis, indices in annotated_slices.items():
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not 0 <= axis < 3:
+            raise ValueError(f"annotated_slices: axis must be 0, 1 or 2 (z, y, x), got {axis!r}")
+        if isinstance(indices, (int, np.integer)):
+            indices = [indices]
+        checked = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"annotated_slices[{axis}]: indices must be integers, got {i!r}")
+            if not 0 <= i < shape[axis]:
+                raise ValueError(
+                    f"annotated_slices[{axis}]: index {int(i)} is out of range for axis {axis} of size {shape[axis]}"
+                    f" (valid: 0..{shape[axis] - 1})"
+                )
+            checked.append(int(i))
+        out[int(axis)] = sorted(set(checked))
+    return out
+
+
+@dataclass
+class Annotations:
+    """Sparse annotations turned into training targets.
+
+    ``target`` holds a class index per voxel (``-1`` where unlabeled);
+    ``class_values[k]`` is the user's label value of class ``k`` (0 for
+    background).
+    """
+
+    target: np.ndarray
+    class_values: list[int]
+    annotated_slices: dict[int, list[int]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_values)
+
+    def counts(self) -> np.ndarray:
+        labeled = self.target[self.target >= 0]
+        return np.bincount(labeled.ravel(), minlength=self.num_classes)
+
+
+def _integer_labels(labels: Any) -> np.ndarray:
+    dtype = _check_numeric("labels", labels)
+    arr = np.asarray(labels)
+    if dtype.kind == "b":
+        return arr.astype(np.uint8)
+    if dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ValueError("labels contain NaN or infinite values; labels must be non-negative integers")
+        if not np.array_equal(arr, np.round(arr)):
+            raise ValueError("labels contain fractional values; labels must be integers (0 = not annotated, >= 1 = class)")
+        arr = arr.astype(np.int64)
+    if arr.min() < 0:
+        raise ValueError(f"labels contain negative values (min {int(arr.min())}); use 0 for not annotated, >= 1 for classes")
+    return arr
+
+
+def prepare_annotations(
+    labels: Any,
+    shape: Sequence[int],
+    annotated_slices: Any = None,
+    background_label: int | None = None,
+    class_values: Sequence[int] | None = None,
+) -> Annotations:
+    """Turn napari-style labels into class targets.
+
+    Inside ``annotated_slices`` a 0 voxel is background; elsewhere 0 is "not
+    annotated".  Voxels equal to ``background_label`` are background
+    anywhere.  ``class_values`` fixes the class order (when continuing to
+    train a model); new values that it lacks are an error.
+    """
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_array(labels, name="labels")
+    arr = _integer_labels(labels)
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"labels must have the image's spatial shape {tuple(shape)}, got {tuple(arr.shape)}")
+    slices = check_slices(annotated_slices, shape)
+    if background_label is not None:
+        if isinstance(background_label, bool) or not isinstance(background_label, (int, np.integer)) or background_label < 1:
+            raise ValueError(f"background_label must be a label value >= 1 or None, got {background_label!r}")
+    background = np.zeros(arr.shape, dtype=bool)
+    for axis, indices in slices.items():
+        index: list[Any] = [slice(None)] * 3
+        index[axis] = indices
+        background[tuple(index)] = arr[tuple(index)] == 0
+    if background_label is not None:
+        background |= arr == background_label
+    foreground_values = sorted(int(v) for v in np.unique(arr) if v != 0 and v != background_label)
+    has_background = bool(background.any())
+    if not foreground_values and not has_background:
+        raise ValueError(
+            "labels hold no annotations: paint some voxels (values >= 1) or pass annotated_slices whose unpainted "
+            "voxels count as background"
+        )
+    if class_values is None:
+        class_values = ([0] if has_background else []) + foreground_values
+        if len(class_values) < 2:
+            only = class_values[0]
+            raise ValueError(
+                f"labels annotate only one class ({'background' if only == 0 else f'label {only}'}); a model needs at"
+                " least two: annotate background (annotated_slices or background_label) and at least one class"
+            )
+    else:
+        class_values = [int(v) for v in class_values]
+        unknown = [v for v in foreground_values if v not in class_values]
+        if unknown or (has_background and 0 not in class_values):
+            raise ValueError(
+                f"labels hold values {unknown or [0]} that the model does not know (its classes are {class_values});"
+                " start a new model to add classes"
+            )
+    if len(class_values) > 255:
+        raise ValueError(
+            f"labels hold {len(class_values)} classes; expected a few semantic classes (is this an instance "
+            "segmentation? convert it to classes first)"
+        )
+    # searchsorted instead of a lookup table: label values may be huge (uint32, uint64)
+    fg_values = np.array(sorted(v for v in class_values if v != 0), dtype=np.int64)
+    fg_index = np.array([class_values.index(v) for v in fg_values], dtype=np.int16)
+    target = np.full(arr.shape, -1, dtype=np.int16)
+    if fg_values.size:
+        pos = np.searchsorted(fg_values, arr).clip(max=fg_values.size - 1)
+        hit = fg_values[pos] == arr
+        target[hit] = fg_index[pos[hit]]
+    if 0 in class_values:
+        target[background] = class_values.index(0)
+    return Annotations(target=target, class_values=list(class_values), annotated_slices=slices)

@@ -1,0 +1,181 @@
+"""The 3D U-Net of Çiçek et al. (2016), built from per-level lists.
+
+Each level of the encoder has two convolutions (normalisation + activation
+after each); levels are joined by max pooling or a strided convolution with
+a per-level stride, so an anisotropic axis is configuration rather than
+code (nnU-Net's planning).  The decoder mirrors the encoder: upsampling by
+transposed convolution or trilinear interpolation, concatenation with the
+skip connection, two convolutions.  Convolutions are padded, so the output
+has the size of the input (which must be divisible by the product of the
+strides).  The network returns logits; with deep supervision it returns,
+while training, a list of logits from the finest to the coarsest decoder
+level.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+__all__ = ["UNet3D", "plan_levels", "build_model"]
+
+Triple = tuple[int, int, int]
+
+
+def plan_levels(levels: int, spacing: Sequence[float] | None) -> tuple[list[Triple], list[Triple]]:
+    """Kernel sizes (one per level) and strides (one per downsampling) for a voxel spacing.
+
+    Following nnU-Net: an axis whose voxel size is more than twice the finest
+    current voxel size is neither pooled nor convolved across (kernel 1) until
+    pooling the other axes has made the voxels comparable.
+    """
+    current = [float(s) for s in (spacing if spacing is not None else (1.0, 1.0, 1.0))]
+    kernels: list[Triple] = []
+    strides: list[Triple] = []
+    for level in range(levels):
+        finest = min(current)
+        coarse = [s > 2 * finest for s in current]
+        kernels.append(tuple(1 if c else 3 for c in coarse))  # type: ignore[arg-type]
+        if level < levels - 1:
+            stride = tuple(1 if c else 2 for c in coarse)
+            strides.append(stride)  # type: ignore[arg-type]
+            current = [s * st for s, st in zip(current, stride)]
+    return kernels, strides
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True, eps=1e-5)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    return nn.Identity()
+
+
+def _act(kind: str) -> nn.Module:
+    return nn.LeakyReLU(0.01, inplace=True) if kind == "leaky_relu" else nn.ReLU(inplace=True)
+
+
+class ConvBlock(nn.Sequential):
+    """Two padded convolutions, each followed by normalisation and activation."""
+
+    def __init__(self, cin: int, cout: int, kernel: Triple, norm: str, act: str, first_stride: Triple = (1, 1, 1)):
+        pad = tuple(k // 2 for k in kernel)
+        bias = norm == "none"
+        super().__init__(
+            nn.Conv3d(cin, cout, kernel, stride=first_stride, padding=pad, bias=bias),
+            _norm(norm, cout),
+            _act(act),
+            nn.Conv3d(cout, cout, kernel, padding=pad, bias=bias),
+            _norm(norm, cout),
+            _act(act),
+        )
+
+
+class UNet3D(nn.Module):
+    """3D U-Net: ``(N, in_channels, z, y, x) -> (N, num_classes, z, y, x)`` logits.
+
+    Parameters
+    ----------
+    in_channels, num_classes : int
+        Image channels in, classes out.
+    config : ModelConfig
+        Architecture; see :class:`napari_sparse3d.config.ModelConfig`.
+    spacing : sequence of 3 floats, optional
+        Voxel size (z, y, x), used to plan anisotropic kernels and strides when
+        the configuration does not give them.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        config: ModelConfig | None = None,
+        spacing: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or ModelConfig()
+        kernels, strides = plan_levels(config.levels, spacing)
+        self.kernel_sizes: list[Triple] = list(config.kernel_sizes or kernels)
+        self.strides: list[Triple] = list(config.strides or strides)
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.deep_supervision = config.deep_supervision
+        features = [min(config.base_features * 2**i, config.max_features) for i in range(config.levels)]
+        self.features = features
+
+        self.encoder = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        cin = in_channels
+        for level, (f, k) in enumerate(zip(features, self.kernel_sizes)):
+            if level > 0:
+                stride = self.strides[level - 1]
+                if config.downsample == "maxpool":
+                    self.downsamplers.append(nn.MaxPool3d(stride, stride))
+                    self.encoder.append(ConvBlock(cin, f, k, config.norm, config.activation))
+                else:  # the strided convolution is the block's first convolution
+                    self.downsamplers.append(nn.Identity())
+                    self.encoder.append(ConvBlock(cin, f, k, config.norm, config.activation, first_stride=stride))
+            else:
+                self.encoder.append(ConvBlock(cin, f, k, config.norm, config.activation))
+            cin = f
+
+        self.upsamplers = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        for level in range(config.levels - 2, -1, -1):
+            stride = self.strides[level]
+            deep, skip = features[level + 1], features[level]
+            if config.upsample == "transpose":
+                self.upsamplers.append(nn.ConvTranspose3d(deep, skip, stride, stride, bias=False))
+            else:
+                self.upsamplers.append(
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=stride, mode="trilinear", align_corners=False),
+                        nn.Conv3d(deep, skip, 1, bias=False),
+                    )
+                )
+            self.decoder.append(ConvBlock(2 * skip, skip, self.kernel_sizes[level], config.norm, config.activation))
+            self.heads.append(nn.Conv3d(skip, num_classes, 1))
+        self._init_weights(config.activation)
+
+    def _init_weights(self, activation: str) -> None:
+        slope = 0.01 if activation == "leaky_relu" else 0.0
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(m.weight, a=slope)  # He initialisation, as in U-Net
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def divisor(self) -> Triple:
+        """Input sizes must be multiples of this (the product of the strides per axis)."""
+        out = [1, 1, 1]
+        for s in self.strides:
+            out = [o * v for o, v in zip(out, s)]
+        return tuple(out)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips = []
+        for level, block in enumerate(self.encoder):
+            if level > 0:
+                x = self.downsamplers[level - 1](x)
+            x = block(x)
+            skips.append(x)
+        outputs = []
+        for i, (up, block, head) in enumerate(zip(self.upsamplers, self.decoder, self.heads)):
+            x = up(x)
+            x = block(torch.cat([skips[-2 - i], x], dim=1))
+            if self.deep_supervision and self.training:
+                outputs.append(head(x))
+        if self.deep_supervision and self.training:
+            return outputs[::-1]  # finest first
+        return self.heads[-1](x)
+
+
+def build_model(in_channels: int, num_classes: int, config: ModelConfig, spacing: Sequence[float] | None) -> UNet3D:
+    """Build the network a configuration describes (used for training and for loading checkpoints)."""
+    return UNet3D(in_channels, num_classes, config, spacing)

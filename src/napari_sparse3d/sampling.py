@@ -1,0 +1,133 @@
+"""Training patches drawn around the annotations.
+
+Every patch contains annotated voxels (it is placed around one), and a
+``foreground_fraction`` share of them (a third by default, nnU-Net's rule)
+around a voxel of a foreground class picked uniformly among the classes, so
+that rare classes such as thin boundaries are seen often.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .augment import Augmenter
+from .data import Volume
+from .preprocess import Normalization
+
+__all__ = ["class_weights", "PatchSampler"]
+
+
+def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
+    """Per-class loss weights from annotated voxel counts, normalised to a mean of 1 over labeled voxels.
+
+    ``"sqrt"`` weighs a class by 1/sqrt(frequency), ``"inverse"`` by
+    1/frequency, ``"none"`` equally.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.ones_like(counts)
+    if mode == "sqrt":
+        weights[present] = 1.0 / np.sqrt(counts[present])
+    elif mode == "inverse":
+        weights[present] = 1.0 / counts[present]
+    mean = (weights * counts).sum() / max(counts.sum(), 1.0)
+    return (weights / mean).astype(np.float32)
+
+
+class PatchSampler:
+    """Draws augmented training batches from a volume and its sparse targets.
+
+    Parameters
+    ----------
+    volume : Volume
+        The image; patches are read from it and normalised on the fly.
+    normalization : Normalization
+    target : (Z, Y, X) int array
+        Class index per voxel, -1 where unlabeled.
+    weights : (K,) float array
+        Loss weight of each class.
+    patch_size : (z, y, x)
+        May exceed the volume; the patch is then padded (weight 0 there).
+    foreground_classes : sequence of int
+        Class indices that count as foreground for the forced share.
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        normalization: Normalization,
+        target: np.ndarray,
+        weights: np.ndarray,
+        patch_size: Sequence[int],
+        foreground_classes: Sequence[int],
+        *,
+        foreground_fraction: float = 1 / 3,
+        augmenter: Augmenter | None = None,
+        max_positions: int = 2_000_000,
+    ) -> None:
+        self.volume = volume
+        self.normalization = normalization
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_fraction = foreground_fraction
+        self.augmenter = augmenter or Augmenter()
+        self.max_positions = max_positions
+        self.foreground_classes = list(foreground_classes)
+        self.set_targets(target, weights)
+
+    def set_targets(self, target: np.ndarray, weights: np.ndarray) -> None:
+        """Replace the annotations (for example after the user painted corrections)."""
+        self.target = target
+        self.weights = np.asarray(weights, dtype=np.float32)
+        flat = target.ravel()
+        labeled = np.flatnonzero(flat >= 0)
+        sampler = np.random.default_rng(0)  # fixed: which positions are kept must not consume the training rng
+        if labeled.size > self.max_positions:
+            labeled = sampler.choice(labeled, self.max_positions, replace=False)
+        self.labeled = labeled
+        self.by_class = {}
+        for k in self.foreground_classes:
+            positions = labeled[flat[labeled] == k]
+            if positions.size:
+                self.by_class[k] = positions
+
+    def _origin(self, flat_index: int, rng: np.random.Generator) -> tuple[int, ...]:
+        shape = self.target.shape
+        centre = np.unravel_index(int(flat_index), shape)
+        origin = []
+        for c, p, d in zip(centre, self.patch_size, shape):
+            start = int(c) - int(rng.integers(p))  # the chosen voxel lands anywhere in the patch
+            origin.append(int(np.clip(start, 0, max(d - p, 0))))
+        return tuple(origin)
+
+    def _read(self, origin: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        region = tuple(slice(o, o + p) for o, p in zip(origin, self.patch_size))
+        image = self.normalization.apply(self.volume.read(region))
+        target = np.asarray(self.target[region], dtype=np.int64)
+        weight = np.where(target >= 0, self.weights[np.clip(target, 0, None)], 0.0).astype(np.float32)
+        pad = [(0, p - s) for p, s in zip(self.patch_size, target.shape)]
+        if any(after for _, after in pad):
+            image = np.pad(image, [(0, 0)] + pad)
+            target = np.pad(target, pad, constant_values=-1)
+            weight = np.pad(weight, pad)
+        return image, target, weight
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch ``(image (B, C, z, y, x), target (B, z, y, x), weight (B, z, y, x))``."""
+        images, targets, weights = [], [], []
+        for _ in range(batch_size):
+            if self.by_class and rng.random() < self.foreground_fraction:
+                positions = self.by_class[self.foreground_classes_present[int(rng.integers(len(self.by_class)))]]
+            else:
+                positions = self.labeled
+            origin = self._origin(positions[int(rng.integers(positions.size))], rng)
+            image, target, weight = self.augmenter(*self._read(origin), rng)
+            images.append(image)
+            targets.append(target)
+            weights.append(weight)
+        return np.stack(images), np.stack(targets), np.stack(weights)
+
+    @property
+    def foreground_classes_present(self) -> list[int]:
+        return list(self.by_class)

@@ -1,0 +1,261 @@
+"""Training from sparse annotations: a generator of small progress reports.
+
+:class:`Trainer` holds the state (data, model, optimiser, history);
+:meth:`Trainer.steps` is a plain generator that runs one optimisation step
+per ``next()`` and yields a :class:`TrainReport`.  Stopping is closing the
+generator (or simply not asking for the next step): the model then holds the
+weights of the last finished step.  New annotations can be sent in with
+``generator.send(labels)`` and take effect at the next step.  The napari
+widgets wrap the generator in a worker thread; :func:`napari_sparse3d.run`
+just iterates it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Generator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .augment import Augmenter
+from .checkpoint import ModelInfo, as_model, save_checkpoint
+from .config import Config
+from .data import Annotations, Volume, check_budget, prepare_annotations
+from .devices import autocast, resolve_device, resolve_precision
+from .losses import SparseLoss
+from .model import UNet3D, build_model
+from .preprocess import compute_normalization, plan_patch_size
+from .sampling import PatchSampler, class_weights
+
+__all__ = ["TrainReport", "Trainer"]
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """One training step, as yielded by :meth:`Trainer.steps`."""
+
+    iteration: int  # total steps this model has taken (continues across rounds)
+    loss: float
+    learning_rate: float
+    elapsed: float  # seconds since this round started
+    step_seconds: float
+    progress: float  # fraction of this round's budget used, 0..1 (0 without a budget)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class Trainer:
+    """State of one training session; see the module docstring.
+
+    Parameters
+    ----------
+    volume : Volume
+        The image (see :func:`napari_sparse3d.data.as_volume`).
+    annotations : Annotations
+        From :func:`napari_sparse3d.data.prepare_annotations`.
+    spacing : (z, y, x) or None
+    config : Config
+    device : str
+        "auto", "cpu", "cuda", "cuda:N" or "mps".
+    seed : int
+    init : model or checkpoint, optional
+        Warm start: continue from these weights (their classes, normalisation
+        and architecture are kept).
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        annotations: Annotations,
+        *,
+        spacing: Sequence[float] | None = None,
+        config: Config | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        init: Any = None,
+    ) -> None:
+        self.volume = volume
+        self.device = resolve_device(device)
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+        if init is not None:
+            model = as_model(init, name="init")
+            info: ModelInfo = model.sparse3d  # type: ignore[assignment]
+            if info.in_channels != volume.channels:
+                raise ValueError(f"init: the model takes {info.in_channels} channels, the image has {volume.channels}")
+            # the architecture is the checkpoint's; training and prediction settings may change
+            self.config = Config(info.config.model, config.train, config.predict) if config else info.config
+            self.normalization = info.normalization
+            self.class_values = info.class_values
+            self.spacing = info.spacing if spacing is None else tuple(spacing)
+            self.patch_size = info.patch_size
+            self.history: list[dict[str, Any]] = list(info.history)
+        else:
+            self.config = config or Config()
+            self.spacing = None if spacing is None else tuple(spacing)
+            self.normalization = compute_normalization(volume)
+            self.class_values = annotations.class_values
+            model = build_model(volume.channels, len(self.class_values), self.config.model, self.spacing)
+            self.history = []
+            self.patch_size = self.config.train.patch_size or plan_patch_size(
+                volume.spatial_shape, self.spacing, model.divisor, self.config.train.patch_voxels
+            )
+            bad = [p for p, d in zip(self.patch_size, model.divisor) if p % d]
+            if bad:
+                raise ValueError(
+                    f"config.train.patch_size {self.patch_size} must be a multiple of the network's stride {model.divisor}"
+                )
+        self.precision = resolve_precision(self.device, self.config.train.precision)
+        self.model: UNet3D = model.to(self.device)
+        if self.config.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        self.model.sparse3d = self._info()  # type: ignore[assignment]
+        self.iteration = int(self.history[-1]["iteration"]) if self.history else 0
+        tc = self.config.train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == torch.float16)
+        foreground = [k for k, v in enumerate(self.class_values) if v != 0]
+        factors = []
+        for i in range(1, len(self.model.strides) + 1):
+            factors.append(tuple(int(np.prod([s[a] for s in self.model.strides[:i]])) for a in range(3)))
+        self.loss_fn = SparseLoss(
+            len(self.class_values),
+            dice_weight=tc.dice_weight,
+            dice_classes=foreground if 0 in self.class_values else None,
+            scale_factors=factors,
+        )
+        spacing = self.spacing or (1.0, 1.0, 1.0)
+        self.sampler = PatchSampler(
+            volume,
+            self.normalization,
+            annotations.target,
+            class_weights(annotations.counts(), tc.class_balance),
+            self.patch_size,
+            foreground,
+            foreground_fraction=tc.foreground_fraction,
+            augmenter=Augmenter(tc.flip, tc.rotate90, tc.intensity, square_yx=math.isclose(spacing[1], spacing[2])),
+        )
+        self.annotations = annotations
+
+    # -- state ------------------------------------------------------------------------
+    def _info(self) -> ModelInfo:
+        return ModelInfo(
+            config=self.config,
+            class_values=list(self.class_values),
+            normalization=self.normalization,
+            patch_size=tuple(self.patch_size),  # type: ignore[arg-type]
+            spacing=self.spacing,  # type: ignore[arg-type]
+            in_channels=self.volume.channels,
+            history=self.history,
+        )
+
+    def update_annotations(self, labels: Any, annotated_slices: Mapping[int, Sequence[int]] | None = None) -> None:
+        """Replace the annotations (same classes) — the correction loop's entry point."""
+        if isinstance(labels, Annotations):
+            annotations = labels
+        else:
+            annotations = prepare_annotations(
+                labels, self.volume.spatial_shape, annotated_slices, class_values=self.class_values
+            )
+        self.annotations = annotations
+        self.sampler.set_targets(annotations.target, class_weights(annotations.counts(), self.config.train.class_balance))
+
+    def save(self, path: str) -> None:
+        save_checkpoint(self.model, path)
+
+    def release(self) -> None:
+        """Give cached GPU memory back (call when training stops)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the loop ---------------------------------------------------------------------
+    def _learning_rate(self, step_in_round: int, progress: float) -> float:
+        tc = self.config.train
+        lr = tc.learning_rate
+        if tc.warmup_steps and step_in_round < tc.warmup_steps:
+            lr *= (step_in_round + 1) / tc.warmup_steps
+        if tc.lr_schedule == "poly":
+            lr *= (1.0 - min(progress, 0.999)) ** 0.9
+        return lr
+
+    def _step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tc = self.config.train
+        image, target, weight = self.sampler.sample(tc.batch_size, self.rng)
+        x = torch.from_numpy(image).to(self.device, non_blocking=True)
+        if tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        t = torch.from_numpy(target).to(self.device, non_blocking=True)
+        w = torch.from_numpy(weight).to(self.device, non_blocking=True)
+        self.model.train()
+        with autocast(self.device, self.precision):
+            outputs = self.model(x)
+        loss = self.loss_fn(outputs, t, w)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training diverged at iteration {self.iteration + 1} (loss {value}); lower config.train.learning_rate"
+            )
+        return value
+
+    def steps(
+        self, max_seconds: float | None = None, max_iterations: int | None = None
+    ) -> Generator[TrainReport, Any, None]:
+        """Train, yielding a :class:`TrainReport` after every step.
+
+        Runs until ``max_seconds`` or ``max_iterations`` (this round's budget;
+        either or both) is used, or forever when neither is given — the
+        caller stops by closing the generator.  A value sent into the
+        generator is taken as new labels (or ``(labels, annotated_slices)``).
+        The learning rate warms up, then decays polynomially over the budget.
+        """
+        check_budget(max_seconds, max_iterations)
+        start = time.perf_counter()
+        step_seconds = 0.0
+        done = 0
+        while True:
+            elapsed = time.perf_counter() - start
+            progress = 0.0
+            if max_seconds is not None:
+                # stop when the next step would overrun the budget
+                if done and elapsed + step_seconds > max_seconds:
+                    break
+                progress = max(progress, elapsed / max_seconds)
+            if max_iterations is not None:
+                if done >= max_iterations:
+                    break
+                progress = max(progress, done / max_iterations)
+            lr = self._learning_rate(done, progress)
+            t0 = time.perf_counter()
+            loss = self._step(lr)
+            step_seconds = time.perf_counter() - t0
+            done += 1
+            self.iteration += 1
+            report = TrainReport(
+                iteration=self.iteration,
+                loss=loss,
+                learning_rate=lr,
+                elapsed=time.perf_counter() - start,
+                step_seconds=step_seconds,
+                progress=min(1.0, max(progress, done / max_iterations if max_iterations else 0.0)),
+            )
+            self.history.append(report.to_dict())
+            sent = yield report
+            if sent is not None:
+                if isinstance(sent, tuple):
+                    self.update_annotations(*sent)
+                else:
+                    self.update_annotations(sent)
