@@ -262,6 +262,21 @@ class Results:
 # --------------------------------------------------------------------------- runs
 
 
+def resolved_device(device: str) -> str:
+    """The device that ``device`` ("auto", ...) stands for, with the GPU's name where there is one."""
+    try:
+        from napari_sparse3d.devices import resolve_device
+
+        dev = resolve_device(device)
+    except Exception:
+        return device
+    if dev.type == "cuda":
+        import torch
+
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
 class Benchmark:
     def __init__(self, image: np.ndarray, instances: np.ndarray, args: argparse.Namespace, results: Results):
         self.image = image
@@ -315,8 +330,9 @@ class Benchmark:
         truth = self.truth(task)
         slices, mask, sparse = annotation(truth, n)
         stack = self.features()
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        prediction = forest.fit_predict(stack, sparse, mask)
+        prediction = forest.fit_predict(stack, sparse, mask, timings=timings)
         seconds = time.perf_counter() - t0
         dice, per_class = score(prediction, truth, mask)
         record = {
@@ -326,7 +342,8 @@ class Benchmark:
             "dice_per_class": per_class,
             "iterations": None,
             "feature_seconds": self.feature_seconds,
-            "train_seconds": None,
+            "train_seconds": timings.get("fit"),
+            "predict_seconds": timings.get("predict"),
             "fit_predict_seconds": seconds,
             "total_seconds": seconds,
             "forest_params": dict(forest.FOREST_DEFAULTS),
@@ -337,7 +354,7 @@ class Benchmark:
         self.done.add(result_key(record))
         log(
             f"forest {task:<11} n={n}: Dice {dice:.4f} {per_class}  "
-            f"(fit+predict {seconds:.1f} s, features {self.feature_seconds:.1f} s)"
+            f"(fit {timings['fit']:.1f} s + predict {timings['predict']:.1f} s, features {self.feature_seconds:.1f} s)"
         )
         return record
 
@@ -365,7 +382,9 @@ class Benchmark:
         total = time.perf_counter() - t0
         prediction = np.asarray(res.labels)
         if prediction.shape != truth.shape:
-            raise RuntimeError(f"napari_sparse3d.run returned labels of shape {prediction.shape}, expected {truth.shape}")
+            raise RuntimeError(
+                f"napari_sparse3d.run returned labels of shape {prediction.shape}, expected {truth.shape}"
+            )
         history = list(res.history or [])
         iterations = len(history)
         train_seconds = None
@@ -376,7 +395,7 @@ class Benchmark:
             train_seconds = float(last.elapsed) if getattr(last, "elapsed", None) is not None else None
             final_loss = float(last.loss) if getattr(last, "loss", None) is not None else None
         dice, per_class = score(prediction, truth, mask)
-        device = getattr(res, "device", None)
+        device = getattr(res, "device", None) or resolved_device(args.device)
         record = {
             **self._record(task, "unet", n, slices, mask),
             "budget": float(budget),
@@ -388,7 +407,8 @@ class Benchmark:
             "train_seconds": train_seconds,
             "predict_seconds": (total - train_seconds) if train_seconds is not None else None,
             "total_seconds": total,
-            "device": str(device) if device is not None else args.device,
+            "device": str(device),
+            "patch_size": list(getattr(res, "patch_size", None) or []) or None,
             "preset": args.preset,
             "seed": args.seed,
         }
@@ -448,7 +468,9 @@ def match_lines(results: Results, args: argparse.Namespace) -> list[str]:
 def report(results: Results, args: argparse.Namespace) -> str:
     budgets = args.budgets
     records = list(results.by_key.values())
-    unets = [r for r in records if r["method"] == "unet" and (r.get("preset"), r.get("seed")) == (args.preset, args.seed)]
+    unets = [
+        r for r in records if r["method"] == "unet" and (r.get("preset"), r.get("seed")) == (args.preset, args.seed)
+    ]
     header_info = unets[-1] if unets else (records[-1] if records else {})
     out = ["# Label efficiency: sparse-slice U-Net vs random forest", ""]
     out.append(
@@ -481,10 +503,14 @@ def report(results: Results, args: argparse.Namespace) -> str:
             row += [_fmt(u and u["iterations"], "d") for u in units]
             out.append("| " + " | ".join(row) + " |")
             trow = [task, str(n), _fmt(fr and fr.get("fit_predict_seconds"), ".1f")]
-            trow += [_fmt(u and u.get("train_seconds"), ".1f") + " / " + _fmt(u and u.get("total_seconds"), ".1f") for u in units]
+            trow += [
+                _fmt(u and u.get("train_seconds"), ".1f") + " / " + _fmt(u and u.get("total_seconds"), ".1f")
+                for u in units
+            ]
             timing_rows.append(trow)
     feature_seconds = next(
-        (r.get("feature_seconds") for r in reversed(records) if r["method"] == "forest" and r.get("feature_seconds")), None
+        (r.get("feature_seconds") for r in reversed(records) if r["method"] == "forest" and r.get("feature_seconds")),
+        None,
     )
     out += ["", f"Wall time in seconds (forest features: {_fmt(feature_seconds, '.1f')} s once per volume; "
             "U-Net: training / total with prediction):", ""]
@@ -504,7 +530,9 @@ def report(results: Results, args: argparse.Namespace) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--slices", nargs="+", type=int, default=None, help="annotated slices per axis (default 1 2 3)")
     p.add_argument("--budgets", nargs="+", type=float, default=None, help="U-Net budgets in s (default 30 60 120 240)")

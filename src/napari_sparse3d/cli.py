@@ -1,0 +1,261 @@
+"""The console command ``napari-sparse3d``: train, predict and run without a GUI.
+
+Examples::
+
+    napari-sparse3d run --sample cells --seconds 60 --output-dir demo
+    napari-sparse3d train image.tif labels.tif --slices z=10,30 --slices y=64 --seconds 300 --output model.pt
+    napari-sparse3d predict model.pt a.tif b.zarr c.npy --output-dir predictions --format zarr
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "parse_slices"]
+
+AXES = {"z": 0, "y": 1, "x": 2, "0": 0, "1": 1, "2": 2}
+
+
+def parse_slices(items: Sequence[str] | None) -> dict[int, list[int]] | None:
+    """``["z=10,30", "x=5"]`` -> ``{0: [10, 30], 2: [5]}``."""
+    if not items:
+        return None
+    out: dict[int, list[int]] = {}
+    for item in items:
+        axis, sep, indices = item.partition("=")
+        if not sep or axis.strip().lower() not in AXES:
+            raise argparse.ArgumentTypeError(f"--slices expects AXIS=I,J,... with AXIS one of z, y, x (or 0, 1, 2), got {item!r}")
+        try:
+            values = [int(v) for v in indices.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--slices: indices must be integers, got {item!r}") from None
+        out.setdefault(AXES[axis.strip().lower()], []).extend(values)
+    return out
+
+
+def _config(args: argparse.Namespace) -> Any:
+    if args.config:
+        return json.loads(Path(args.config).read_text())
+    return args.preset
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--slices",
+        action="append",
+        metavar="AXIS=I,J",
+        help="fully annotated slices, e.g. --slices z=10,30 --slices x=64: inside them unpainted voxels are "
+        "background (repeat per axis)",
+    )
+    p.add_argument("--background-label", type=int, help="a label value that means background everywhere (scribbles)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size; default isotropic")
+    p.add_argument("--seconds", type=float, help="training budget in seconds (default 120 if no --iterations)")
+    p.add_argument("--iterations", type=int, help="training budget in optimisation steps")
+    p.add_argument("--preset", default="default", choices=["fast", "default", "accurate"], help="configuration preset")
+    p.add_argument("--config", help="JSON file with a configuration {model: {...}, train: {...}, predict: {...}}")
+    p.add_argument("--init", help="checkpoint to continue training from (warm start)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--channel-axis", type=int, help="the channel axis of a 4D (multichannel) image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-sparse3d",
+        description="Train a 3D U-Net from a few annotated slices and segment volumes densely. Label files follow "
+        "napari: 0 = not annotated, >= 1 = class. Images and labels may be .tif, .npy or .zarr.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from sparse labels and save a checkpoint")
+    train.add_argument("image", help="the image volume (.tif/.npy/.zarr)")
+    train.add_argument("labels", help="sparse labels of the same shape")
+    train.add_argument("--output", "-o", required=True, help="checkpoint file to write (.pt)")
+    _add_training_options(train)
+    _add_common(train)
+
+    pred = sub.add_parser("predict", help="segment one or more volumes with a trained model")
+    pred.add_argument("model", help="checkpoint written by train or run")
+    pred.add_argument("images", nargs="+", help="volumes to segment")
+    pred.add_argument("--output-dir", "-o", required=True, help="folder for <name>_labels.<format>")
+    pred.add_argument("--format", choices=["tif", "npy", "zarr"], default="tif", help="output format (zarr is written block by block)")
+    _add_common(pred)
+
+    run = sub.add_parser(
+        "run",
+        help="train on sparse labels and segment the same volume; writes labels, checkpoint and a PNG of orthogonal views",
+    )
+    run.add_argument("image", nargs="?", help="the image volume (omit with --sample)")
+    run.add_argument("labels", nargs="?", help="sparse labels (omit with --sample)")
+    run.add_argument("--sample", choices=["cells", "cells3"], help="use generated sample data instead of files "
+                     "(cells: 2 classes; cells3: background, interior, boundary) with --sample-slices annotated slices per axis")
+    run.add_argument("--sample-slices", type=int, default=2, help="annotated slices per axis for --sample (default 2)")
+    run.add_argument("--output-dir", "-o", required=True, help="folder for labels.tif, model.pt, views.png, summary.json")
+    _add_training_options(run)
+    _add_common(run)
+    return parser
+
+
+class _Progress:
+    """A tqdm bar over the training budget, then over the prediction windows."""
+
+    def __init__(self, quiet: bool, seconds: float | None, iterations: int | None) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+        self.phase = ""
+        self.seconds, self.iterations = seconds, iterations
+
+    def __call__(self, report: Any) -> None:
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        from .prediction import PredictReport
+
+        if isinstance(report, PredictReport):
+            if self.phase != "predict":
+                self._close()
+                self.phase = "predict"
+                self.bar = tqdm(total=report.windows_total, desc="predict", unit="window", file=sys.stderr)
+            self.bar.n = report.windows_done
+            self.bar.refresh()
+            return
+        if self.phase != "train":
+            self._close()
+            self.phase = "train"
+            self.bar = tqdm(total=100, desc="train", unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}")
+        self.bar.n = round(100 * report.progress)
+        self.bar.set_postfix_str(f"step {report.iteration} loss {report.loss:.4f} {report.elapsed:.0f}s", refresh=True)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self._close()
+
+
+def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        annotated_slices=parse_slices(args.slices),
+        spacing=args.spacing,
+        max_seconds=args.seconds,
+        max_iterations=args.iterations,
+        device=args.device,
+        seed=args.seed,
+        config=_config(args),
+        channel_axis=args.channel_axis,
+        background_label=args.background_label,
+        init=args.init,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .api import run
+
+    progress = _Progress(args.quiet, args.seconds, args.iterations)
+    res = run(args.image, args.labels, progress=progress, **_train_kwargs(args))
+    progress.close()
+    path = res.save(args.output)
+    print(f"trained {len(res.history)} steps; checkpoint written to {path}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .api import predict
+    from .checkpoint import load_checkpoint
+    from .data import save_array
+
+    model = load_checkpoint(args.model)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for image in args.images:
+        name = Path(image).name.split(".")[0]
+        target = out_dir / f"{name}_labels.{args.format}"
+        progress = _Progress(args.quiet, None, None)
+        if args.format == "zarr":
+            predict(image, model, out=str(target), device=args.device, progress=progress, channel_axis=args.channel_axis)
+        else:
+            labels = predict(image, model, device=args.device, progress=progress, channel_axis=args.channel_axis)
+            save_array(target, labels)
+        progress.close()
+        print(f"{image} -> {target}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .api import run
+    from .data import load_array, save_array
+    from .metrics import annotated_slice_mask, dice_per_class
+    from .render import save_orthogonal_views
+
+    kwargs = _train_kwargs(args)
+    truth = None
+    if args.sample:
+        if args.image or args.labels:
+            raise SystemExit("napari-sparse3d run: give either IMAGE LABELS or --sample, not both")
+        from .sample_data import evenly_spaced_slices, make_cells, sparse_annotations
+
+        image, truth = make_cells(classes=3 if args.sample == "cells3" else 2)
+        kwargs["annotated_slices"] = evenly_spaced_slices(image.shape, args.sample_slices)
+        labels = sparse_annotations(truth, kwargs["annotated_slices"])
+    else:
+        if not (args.image and args.labels):
+            raise SystemExit("napari-sparse3d run: IMAGE and LABELS are required (or use --sample)")
+        image, labels = load_array(args.image), load_array(args.labels, name="labels")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = _Progress(args.quiet, args.seconds, args.iterations)
+    res = run(image, labels, progress=progress, **kwargs)
+    progress.close()
+    save_array(out_dir / "labels.tif", res.labels)
+    res.save(out_dir / "model.pt")
+    if args.sample:
+        save_array(out_dir / "image.tif", image)
+        save_array(out_dir / "annotations.tif", labels)
+    view_image = image if args.channel_axis is None else np.take(np.asarray(image), 0, axis=args.channel_axis)
+    save_orthogonal_views(out_dir / "views.png", view_image, res.labels, annotated_slices=kwargs["annotated_slices"],
+                          spacing=args.spacing)
+    summary: dict[str, Any] = {
+        "iterations": len(res.history),
+        "final_loss": res.history[-1].loss,
+        "train_seconds": res.history[-1].elapsed,
+        "patch_size": list(res.patch_size),
+        "class_values": res.class_values,
+    }
+    if truth is not None:
+        mask = ~annotated_slice_mask(truth.shape, kwargs["annotated_slices"])
+        summary["dice_outside_annotated_slices"] = {
+            str(k): round(v, 4) for k, v in dice_per_class(res.labels, truth, mask=mask).items()
+        }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out_dir / 'labels.tif'}, {out_dir / 'model.pt'}, {out_dir / 'views.png'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        parse_slices(getattr(args, "slices", None))  # report format errors before loading anything
+        handler = {"train": _cmd_train, "predict": _cmd_predict, "run": _cmd_run}[args.command]
+        return handler(args)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+        parser.exit(2, f"napari-sparse3d {args.command}: error: {exc}\n")
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from napari_sparse3d.config import Config
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """A network small enough to train a few steps in well under a second."""
+    return Config.from_dict(
+        {
+            "model": {"levels": 3, "base_features": 4},
+            "train": {"patch_size": [8, 16, 16], "batch_size": 1, "warmup_steps": 0},
+            "predict": {"batch_size": 2},
+        }
+    )
+
+
+@pytest.fixture
+def small_volume():
+    """A 20x36x28 volume with two bright boxes, sparse labels on one slice per axis."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((20, 36, 28), np.uint8)
+    truth[4:12, 6:20, 5:15] = 1
+    truth[10:18, 22:32, 14:25] = 2
+    image = (truth * 1.0 + rng.normal(0, 0.2, truth.shape)).astype(np.float32)
+    slices = {0: [8], 1: [12], 2: [10]}
+    labels = np.zeros_like(truth)
+    labels[8] = truth[8]
+    labels[:, 12] = truth[:, 12]
+    labels[:, :, 10] = truth[:, :, 10]
+    return image, labels, truth, slices

@@ -1,0 +1,161 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import napari_sparse3d
+from napari_sparse3d.data import as_volume, prepare_annotations
+from napari_sparse3d.metrics import annotated_slice_mask, mean_foreground_dice
+from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
+from napari_sparse3d.training import Trainer
+
+
+@pytest.mark.slow
+def test_two_slices_per_axis_give_a_dense_segmentation():
+    """Acceptance: Dice >= 0.90 outside the annotated slices, in well under a minute on the CPU."""
+    image, truth = make_cells(seed=3)
+    slices = evenly_spaced_slices(image.shape, 2)
+    start = time.perf_counter()
+    res = napari_sparse3d.run(
+        image, sparse_annotations(truth, slices), annotated_slices=slices, max_seconds=30, config="fast", seed=0
+    )
+    assert time.perf_counter() - start < 60
+    mask = ~annotated_slice_mask(image.shape, slices)
+    assert mean_foreground_dice(res.labels, truth, mask=mask) >= 0.90
+    # the contract
+    assert res.labels.shape == image.shape and np.issubdtype(res.labels.dtype, np.integer)
+    assert set(np.unique(res.labels)) <= {0, 1}
+    assert res.probabilities.shape == (2,) + image.shape and res.probabilities.dtype == np.float32
+    np.testing.assert_allclose(res.probabilities.sum(0), 1.0, atol=1e-4)
+    assert isinstance(res.model, torch.nn.Module)
+    out = res.model.eval()(torch.zeros(1, 1, *res.patch_size))
+    assert out.shape == (1, 2, *res.patch_size)
+    assert [h.iteration for h in res.history] == list(range(1, len(res.history) + 1))
+    assert all(h.elapsed <= 30 for h in res.history)
+
+
+def _tiny_run(small_volume, tiny_config, **kwargs):
+    image, labels, truth, slices = small_volume
+    return napari_sparse3d.run(
+        image, labels, annotated_slices=slices, max_iterations=3, config=tiny_config, device="cpu", **kwargs
+    )
+
+
+def test_user_label_values_come_back(small_volume, tiny_config):
+    image, labels, truth, slices = small_volume
+    labels = np.where(labels == 2, 7, labels)
+    res = napari_sparse3d.run(image, labels, annotated_slices=slices, max_iterations=2, config=tiny_config)
+    assert res.class_values == [0, 1, 7]
+    assert set(np.unique(res.labels)) <= {0, 1, 7}
+
+
+def test_checkpoint_reloads_to_identical_predictions(small_volume, tiny_config, tmp_path):
+    res = _tiny_run(small_volume, tiny_config)
+    path = res.save(tmp_path / "model.pt")
+    image = small_volume[0]
+    from_model = napari_sparse3d.predict(image, res.model, device="cpu")
+    from_file = napari_sparse3d.predict(image, str(path), device="cpu")
+    np.testing.assert_array_equal(from_model, from_file)
+    np.testing.assert_array_equal(from_model, res.labels)
+    state = torch.load(path, weights_only=True)  # no pickled code inside
+    assert state["info"]["class_values"] == [0, 1, 2]
+
+
+def test_same_seed_same_model(small_volume, tiny_config):
+    a = _tiny_run(small_volume, tiny_config, seed=4)
+    b = _tiny_run(small_volume, tiny_config, seed=4)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_warm_start_continues_from_weights_and_history(small_volume, tiny_config):
+    first = _tiny_run(small_volume, tiny_config)
+    second = _tiny_run(small_volume, tiny_config, init=first.model)
+    assert second.history[0].iteration == 4 and second.history[-1].iteration == 6
+    assert len(second.model.sparse3d.history) == 6
+
+
+def test_generator_stops_at_any_step_and_takes_new_annotations(small_volume, tiny_config):
+    image, labels, truth, slices = small_volume
+    volume = as_volume(image)
+    trainer = Trainer(volume, prepare_annotations(labels, volume.spatial_shape, slices), config=tiny_config, device="cpu")
+    steps = trainer.steps()  # no budget: runs until the caller stops
+    first = next(steps)
+    before = trainer.annotations.counts().sum()
+    corrected = labels.copy()
+    corrected[15] = truth[15]  # a corrected slice becomes an annotation
+    second = steps.send((corrected, {**slices, 0: slices[0] + [15]}))
+    assert second.iteration == first.iteration + 1
+    assert trainer.annotations.counts().sum() > before
+    steps.close()
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(StopIteration):
+        next(steps)
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+
+
+def test_scribbles_with_background_label(small_volume, tiny_config):
+    image, _, truth, _ = small_volume
+    scribbles = np.zeros_like(truth)
+    scribbles[8, 8:10, 6:14] = 1
+    scribbles[14, 25:28, 15:20] = 2
+    scribbles[2, 30:34, 2:6] = 3  # the user's "background" brush
+    res = napari_sparse3d.run(image, scribbles, background_label=3, max_iterations=2, config=tiny_config)
+    assert res.class_values == [0, 1, 2]
+    assert 3 not in np.unique(res.labels)
+
+
+def test_multichannel_image_with_channel_axis(small_volume, tiny_config):
+    image, labels, _, slices = small_volume
+    two_channels = np.stack([image, -image], axis=-1)
+    res = napari_sparse3d.run(
+        two_channels, labels, annotated_slices=slices, channel_axis=-1, max_iterations=2, config=tiny_config
+    )
+    assert res.model.sparse3d.in_channels == 2
+    assert napari_sparse3d.predict(two_channels, res.model, channel_axis=3).shape == image.shape
+
+
+def test_dask_and_file_inputs(small_volume, tiny_config, tmp_path):
+    import dask.array as da
+    import tifffile
+
+    image, labels, _, slices = small_volume
+    res = napari_sparse3d.run(
+        da.from_array(image, chunks=(8, 16, 16)), labels, annotated_slices=slices, max_iterations=2, config=tiny_config
+    )
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    np.save(tmp_path / "image.npy", image)
+    a = napari_sparse3d.predict(str(tmp_path / "image.tif"), res.model)
+    b = napari_sparse3d.predict(tmp_path / "image.npy", res.model)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, res.labels)
+
+
+def test_anisotropic_spacing_shapes_the_network(small_volume, tiny_config):
+    image, labels, _, slices = small_volume
+    cfg = tiny_config.replace(train={"patch_size": None, "patch_voxels": 4096})
+    res = napari_sparse3d.run(
+        image, labels, annotated_slices=slices, spacing=(4.0, 1.0, 1.0), max_iterations=2, config=cfg
+    )
+    assert res.model.strides[0] == (1, 2, 2)
+    assert res.patch_size[0] < res.patch_size[1]
+    assert res.labels.shape == image.shape
+
+
+def test_progress_sees_training_then_prediction(small_volume, tiny_config):
+    from napari_sparse3d.prediction import PredictReport
+    from napari_sparse3d.training import TrainReport
+
+    seen = []
+    _tiny_run(small_volume, tiny_config, progress=seen.append)
+    kinds = [type(r) for r in seen]
+    assert kinds[:3] == [TrainReport] * 3 and kinds[-1] is PredictReport
+
+
+def test_import_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, napari_sparse3d; napari_sparse3d.Config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from napari_sparse3d.config import ModelConfig
+from napari_sparse3d.model import UNet3D, plan_levels
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"downsample": "conv", "upsample": "trilinear"},
+        {"norm": "batch", "activation": "relu"},
+        {"norm": "none"},
+    ],
+)
+@pytest.mark.parametrize("shape", [(4, 12, 20), (8, 8, 8), (12, 4, 28)])
+def test_tiny_models_keep_odd_shapes(options, shape):
+    model = UNet3D(2, 3, ModelConfig(levels=3, base_features=2, **options)).eval()
+    x = torch.randn(1, 2, *shape)
+    assert model(x).shape == (1, 3, *shape)
+
+
+def test_features_double_per_level_and_are_capped():
+    model = UNet3D(1, 2, ModelConfig(levels=5, base_features=8, max_features=32))
+    assert model.features == [8, 16, 32, 32, 32]
+
+
+def test_anisotropic_spacing_keeps_z_until_voxels_are_comparable():
+    kernels, strides = plan_levels(4, (4.0, 1.0, 1.0))
+    assert strides[0] == (1, 2, 2)  # z is 4x coarser: not pooled
+    assert kernels[0] == (1, 3, 3)  # and not convolved across
+    assert strides[1] == (1, 2, 2) or strides[1] == (2, 2, 2)
+    assert strides[2] == (2, 2, 2)  # after two in-plane poolings the voxels are isotropic
+    model = UNet3D(1, 2, ModelConfig(levels=4, base_features=2), spacing=(4.0, 1.0, 1.0)).eval()
+    assert model.divisor[0] < model.divisor[1]
+    x = torch.randn(1, 1, model.divisor[0] * 3, 16, 24)
+    assert model(x).shape == (1, 2, *x.shape[2:])
+
+
+def test_isotropic_plan():
+    kernels, strides = plan_levels(3, None)
+    assert kernels == [(3, 3, 3)] * 3 and strides == [(2, 2, 2)] * 2
+
+
+def test_deep_supervision_returns_finest_first_while_training():
+    model = UNet3D(1, 2, ModelConfig(levels=3, base_features=2, deep_supervision=True))
+    outputs = model(torch.randn(1, 1, 8, 16, 16))
+    assert [tuple(o.shape[2:]) for o in outputs] == [(8, 16, 16), (4, 8, 8)]
+    model.eval()
+    assert model(torch.randn(1, 1, 8, 16, 16)).shape == (1, 2, 8, 16, 16)
