@@ -18,15 +18,15 @@ def tiny_config() -> Config:
 
 @pytest.fixture
 def small_volume():
-    """A 20x36x28 volume with two bright boxes, sparse labels on one slice per axis."""
+    """A 20x36x28 volume with two bright boxes, sparse labels on two slices per axis."""
     rng = np.random.default_rng(0)
     truth = np.zeros((20, 36, 28), np.uint8)
     truth[4:12, 6:20, 5:15] = 1
     truth[10:18, 22:32, 14:25] = 2
     image = (truth * 1.0 + rng.normal(0, 0.2, truth.shape)).astype(np.float32)
-    slices = {0: [8], 1: [12], 2: [10]}
+    slices = {0: [8, 14], 1: [12, 26], 2: [10, 20]}
     labels = np.zeros_like(truth)
-    labels[8] = truth[8]
-    labels[:, 12] = truth[:, 12]
-    labels[:, :, 10] = truth[:, :, 10]
+    labels[[8, 14]] = truth[[8, 14]]
+    labels[:, [12, 26]] = truth[:, [12, 26]]
+    labels[:, :, [10, 20]] = truth[:, :, [10, 20]]
     return image, labels, truth, slices

@@ -18,7 +18,7 @@ def test_two_slices_per_axis_give_a_dense_segmentation():
     slices = evenly_spaced_slices(image.shape, 2)
     start = time.perf_counter()
     res = napari_sparse3d.run(
-        image, sparse_annotations(truth, slices), annotated_slices=slices, max_seconds=30, config="fast", seed=0
+        image, sparse_annotations(truth, slices), annotated_slices=slices, max_seconds=25, seed=0
     )
     assert time.perf_counter() - start < 60
     mask = ~annotated_slice_mask(image.shape, slices)
@@ -32,7 +32,7 @@ def test_two_slices_per_axis_give_a_dense_segmentation():
     out = res.model.eval()(torch.zeros(1, 1, *res.patch_size))
     assert out.shape == (1, 2, *res.patch_size)
     assert [h.iteration for h in res.history] == list(range(1, len(res.history) + 1))
-    assert all(h.elapsed <= 30 for h in res.history)
+    assert res.history[-1].elapsed - res.history[-1].step_seconds <= 25  # no step starts past the budget
 
 
 def _tiny_run(small_volume, tiny_config, **kwargs):
@@ -159,3 +159,30 @@ def test_import_does_not_load_torch():
 
     code = "import sys, napari_sparse3d; napari_sparse3d.Config; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_prefetching_thread_ends_with_the_generator_and_drops_stale_batches(small_volume, tiny_config):
+    import threading
+
+    image, labels, truth, slices = small_volume
+    volume = as_volume(image)
+    cfg = tiny_config.replace(train={"prefetch": True})
+    trainer = Trainer(volume, prepare_annotations(labels, volume.spatial_shape, slices), config=cfg, device="cpu")
+    steps = trainer.steps()
+    next(steps)
+    assert any(t.name == "sparse3d-prefetch" for t in threading.enumerate())
+    generation = trainer._prefetcher.generation
+    steps.send(truth)  # dense corrections: batches drawn from the old annotations are now stale
+    assert trainer._prefetcher.generation == generation + 1
+    next(steps)
+    steps.close()
+    assert trainer._prefetcher is None
+    assert not any(t.name == "sparse3d-prefetch" for t in threading.enumerate())
+
+
+def test_prefetching_keeps_runs_reproducible(small_volume, tiny_config):
+    cfg = tiny_config.replace(train={"prefetch": True})
+    a = _tiny_run(small_volume, cfg, seed=2)
+    b = _tiny_run(small_volume, tiny_config, seed=2)  # same batches drawn in the same order without the thread
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)

@@ -39,7 +39,10 @@ def test_patch_larger_than_volume_is_padded_with_zero_weight():
     labels[3, 2:5, 2:5] = 1
     volume = as_volume(image)
     ann = prepare_annotations(labels, volume.spatial_shape, {0: [3]})
-    sampler = PatchSampler(volume, compute_normalization(volume), ann.target, np.ones(2, np.float32), (8, 16, 16), [1])
+    no_spatial = Augmenter(flip=False, rotate90=False, intensity=False)  # keep the padding where it is
+    sampler = PatchSampler(
+        volume, compute_normalization(volume), ann.target, np.ones(2, np.float32), (8, 16, 16), [1], augmenter=no_spatial
+    )
     img, target, weight = sampler.sample(2, np.random.default_rng(0))
     assert img.shape == (2, 1, 8, 16, 16)
     assert (weight[:, 6:] == 0).all() and (weight[:, :, 10:] == 0).all()
@@ -77,3 +80,23 @@ def test_patch_plan_follows_spacing_and_volume():
     assert z < y == x  # coarse z: fewer voxels along it
     p = plan_patch_size((12, 300, 300), None, (4, 4, 4), 64**3)
     assert p[0] == 12 and p[1] > 64  # a thin volume gives its unused budget to y and x
+
+
+def test_patches_flatten_along_the_normal_of_the_most_annotated_slices():
+    from napari_sparse3d.preprocess import dominant_slice_axis
+
+    cube = plan_patch_size((60, 256, 256), None, (8, 8, 8), 32**3)
+    flat = plan_patch_size((60, 256, 256), None, (8, 8, 8), 32**3, flatten_axis=0)
+    assert cube == (32, 32, 32) and flat == (16, 48, 48)
+    assert abs(np.prod(flat) / np.prod(cube) - 1) < 0.2  # about the same compute
+    # an axis that is already thin (anisotropic z) is not flattened further
+    thin = plan_patch_size((30, 512, 512), (4.0, 0.5, 0.5), (1, 8, 8), 32**3)
+    assert plan_patch_size((30, 512, 512), (4.0, 0.5, 0.5), (1, 8, 8), 32**3, flatten_axis=0)[0] == thin[0]
+    assert dominant_slice_axis([130000, 30000, 30000]) == 0
+    assert dominant_slice_axis([1, 1, 1]) is None and dominant_slice_axis([0, 0, 0]) is None
+
+
+def test_slice_counts_follow_the_annotated_slices(small_volume):
+    image, labels, _, slices = small_volume
+    ann = prepare_annotations(labels, image.shape, slices)
+    assert ann.slice_counts() == [2 * 36 * 28, 2 * 20 * 28, 2 * 20 * 36]

@@ -40,10 +40,12 @@ class RunResult:
         return save_checkpoint(self.model, path)
 
 
-def resolve_config(config: Any) -> Config:
-    """``None`` (defaults), a preset name, a nested dict, or a :class:`Config`."""
+def resolve_config(config: Any, device_type: str = "cpu") -> Config:
+    """``None`` (the preset for the device), a preset name, a nested dict, or a :class:`Config`."""
     if config is None:
-        return Config()
+        from .config import default_preset
+
+        return Config.from_preset(default_preset(device_type))
     if isinstance(config, Config):
         return config
     if isinstance(config, str):
@@ -106,7 +108,8 @@ def run(
     device : str
         "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps".
     seed : int
-    config : Config, dict or preset name ("fast", "default", "accurate"), optional
+    config : Config, dict or preset name ("fast", "default", "large"), optional
+        Default: "large" on CUDA, "default" (tuned for the CPU) elsewhere.
     progress : callable, optional
         Called with each :class:`~napari_sparse3d.training.TrainReport`, then
         with each :class:`~napari_sparse3d.prediction.PredictReport`.
@@ -132,11 +135,10 @@ def run(
     check_budget(max_seconds, max_iterations)
     seed = _check_seed(seed)
     _check_progress(progress)
-    cfg = resolve_config(config)
     spacing = check_spacing(spacing)
     from .devices import resolve_device
 
-    resolve_device(device)
+    cfg = resolve_config(config, resolve_device(device).type)
     volume = as_volume(image, channel_axis)
     annotations = prepare_annotations(labels, volume.spatial_shape, annotated_slices, background_label)
     _check_volume_finite(volume)

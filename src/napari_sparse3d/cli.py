@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import PRESETS
+
 __all__ = ["main", "build_parser", "parse_slices"]
 
 AXES = {"z": 0, "y": 1, "x": 2, "0": 0, "1": 1, "2": 2}
@@ -55,7 +57,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size; default isotropic")
     p.add_argument("--seconds", type=float, help="training budget in seconds (default 120 if no --iterations)")
     p.add_argument("--iterations", type=int, help="training budget in optimisation steps")
-    p.add_argument("--preset", default="default", choices=["fast", "default", "accurate"], help="configuration preset")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="configuration preset (default: 'large' on CUDA, 'default' elsewhere); --config overrides it",
+    )
     p.add_argument("--config", help="JSON file with a configuration {model: {...}, train: {...}, predict: {...}}")
     p.add_argument("--init", help="checkpoint to continue training from (warm start)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -227,6 +227,15 @@ class Annotations:
     def num_classes(self) -> int:
         return len(self.class_values)
 
+    def slice_counts(self) -> list[int]:
+        """Annotated voxels on the annotated slices of each axis."""
+        counts = []
+        for axis in range(3):
+            index: list[Any] = [slice(None)] * 3
+            index[axis] = self.annotated_slices.get(axis, [])
+            counts.append(int(np.count_nonzero(self.target[tuple(index)] >= 0)))
+        return counts
+
     def counts(self) -> np.ndarray:
         labeled = self.target[self.target >= 0]
         return np.bincount(labeled.ravel(), minlength=self.num_classes)

@@ -4,7 +4,7 @@ Windows of the training patch size lie on one grid over the whole volume,
 overlapping by ``overlap``; each window's softmax is weighted by a Gaussian
 (nnU-Net) so that window borders, where context is missing, count less.
 The volume is cut into *cells* — the boxes between consecutive window
-starts.  A cell is finished as soon as every window covering it has been
+starts and ends.  A cell is finished as soon as every window covering it has been
 computed; it is then normalised and yielded as a :class:`Block`.  So:
 
 - the result does not depend on the order of the windows (raster order, or
@@ -79,7 +79,11 @@ class _Grid:
         self.shape = tuple(int(s) for s in shape)
         self.window = tuple(int(w) for w in window)
         self.starts = [window_starts(s, w, overlap) for s, w in zip(self.shape, self.window)]
-        self.bounds = [st + [s] for st, s in zip(self.starts, self.shape)]
+        # cells are cut at every window start and end, so each cell is inside or outside each window
+        self.bounds = [
+            sorted({0, s} | set(st) | {min(x + w, s) for x in st})
+            for st, w, s in zip(self.starts, self.window, self.shape)
+        ]
         # per axis: for each window, the range of cells it covers
         self.cover: list[list[range]] = []
         for st, b, w, s in zip(self.starts, self.bounds, self.window, self.shape):

@@ -15,7 +15,7 @@ import numpy as np
 
 from .data import Volume, check_finite
 
-__all__ = ["Normalization", "compute_normalization", "plan_patch_size"]
+__all__ = ["Normalization", "compute_normalization", "plan_patch_size", "dominant_slice_axis"]
 
 
 @dataclass(frozen=True)
@@ -75,21 +75,45 @@ def _round_up(value: int, multiple: int) -> int:
     return int(-(-value // multiple) * multiple)
 
 
+def dominant_slice_axis(slice_counts: Sequence[int], share: float = 0.5) -> int | None:
+    """The axis whose annotated slices hold more than ``share`` of the annotated voxels, if any."""
+    counts = np.asarray(slice_counts, dtype=float)
+    if counts.sum() <= 0:
+        return None
+    axis = int(np.argmax(counts))
+    return axis if counts[axis] / counts.sum() > share else None
+
+
 def plan_patch_size(
     shape: Sequence[int],
     spacing: Sequence[float] | None,
     divisor: Sequence[int],
     target_voxels: int,
+    *,
+    flatten_axis: int | None = None,
+    min_side: int = 8,
 ) -> tuple[int, int, int]:
     """A patch of about ``target_voxels`` that is roughly cubic in physical units.
 
     Each side is a multiple of ``divisor`` (the network's total stride) and no
     larger than the volume rounded up to that multiple; budget that a short
     axis cannot use goes to the others.
+
+    ``flatten_axis`` halves the patch along that axis (not below ``min_side``
+    voxels) and widens it along the others.  With annotations on whole slices,
+    a patch holds annotated voxels in proportion to its extent *within* the
+    slices, so a patch flattened along the normal of the most-annotated slices
+    sees about twice the labels for the same compute (measured in
+    benchmarks/label_efficiency.py: more accurate and less seed-dependent).
     """
     spacing = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), dtype=float)
     limit = np.array([_round_up(int(s), int(d)) for s, d in zip(shape, divisor)], dtype=float)
     size = 1.0 / spacing  # physical cube
+    if flatten_axis is not None:
+        cube_side = (target_voxels / np.prod(size)) ** (1 / 3) * size[flatten_axis]
+        if cube_side / 2 >= max(min_side, divisor[flatten_axis]):
+            size = size * np.sqrt(2.0)
+            size[flatten_axis] /= 2 * np.sqrt(2.0)
     free = np.ones(3, dtype=bool)
     for _ in range(3):
         fixed = np.prod(np.where(free, 1.0, size))

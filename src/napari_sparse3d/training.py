@@ -13,6 +13,8 @@ just iterates it.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Generator, Mapping, Sequence
@@ -27,7 +29,7 @@ from .data import Annotations, Volume, check_budget, prepare_annotations
 from .devices import autocast, resolve_device, resolve_precision
 from .losses import SparseLoss
 from .model import UNet3D, build_model
-from .preprocess import compute_normalization, plan_patch_size
+from .preprocess import compute_normalization, dominant_slice_axis, plan_patch_size
 from .sampling import PatchSampler, class_weights
 
 __all__ = ["TrainReport", "Trainer"]
@@ -46,6 +48,58 @@ class TrainReport:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+class _Prefetcher:
+    """Draws the next batches in a background thread while the network trains on the current one.
+
+    Batches drawn before the annotations changed are discarded (each carries
+    the generation of the targets it was drawn from).
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, rng: np.random.Generator, depth: int = 2) -> None:
+        self.sampler, self.batch_size, self.rng = sampler, batch_size, rng
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.generation = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._work, name="sparse3d-prefetch", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while not self.stopped.is_set():
+            generation = self.generation
+            try:
+                item = (generation, self.sampler.sample(self.batch_size, self.rng), None)
+            except Exception as exc:  # handed to the training thread, which raises it
+                item = (generation, None, exc)
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        while True:
+            try:
+                generation, batch, error = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the batch prefetching thread stopped unexpectedly") from None
+                continue
+            if error is not None:
+                raise error
+            if generation == self.generation:
+                return batch
+
+    def invalidate(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
 
 
 class Trainer:
@@ -102,8 +156,9 @@ class Trainer:
             self.class_values = annotations.class_values
             model = build_model(volume.channels, len(self.class_values), self.config.model, self.spacing)
             self.history = []
+            flatten = dominant_slice_axis(annotations.slice_counts()) if self.config.train.flatten_patches else None
             self.patch_size = self.config.train.patch_size or plan_patch_size(
-                volume.spatial_shape, self.spacing, model.divisor, self.config.train.patch_voxels
+                volume.spatial_shape, self.spacing, model.divisor, self.config.train.patch_voxels, flatten_axis=flatten
             )
             bad = [p for p, d in zip(self.patch_size, model.divisor) if p % d]
             if bad:
@@ -141,6 +196,7 @@ class Trainer:
             augmenter=Augmenter(tc.flip, tc.rotate90, tc.intensity, square_yx=math.isclose(spacing[1], spacing[2])),
         )
         self.annotations = annotations
+        self._prefetcher: _Prefetcher | None = None
 
     # -- state ------------------------------------------------------------------------
     def _info(self) -> ModelInfo:
@@ -164,6 +220,8 @@ class Trainer:
             )
         self.annotations = annotations
         self.sampler.set_targets(annotations.target, class_weights(annotations.counts(), self.config.train.class_balance))
+        if self._prefetcher is not None:
+            self._prefetcher.invalidate()
 
     def save(self, path: str) -> None:
         save_checkpoint(self.model, path)
@@ -188,7 +246,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tc = self.config.train
-        image, target, weight = self.sampler.sample(tc.batch_size, self.rng)
+        if self._prefetcher is not None:
+            image, target, weight = self._prefetcher.get()
+        else:
+            image, target, weight = self.sampler.sample(tc.batch_size, self.rng)
         x = torch.from_numpy(image).to(self.device, non_blocking=True)
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -223,6 +284,16 @@ class Trainer:
         The learning rate warms up, then decays polynomially over the budget.
         """
         check_budget(max_seconds, max_iterations)
+        if self.config.train.prefetch:
+            self._prefetcher = _Prefetcher(self.sampler, self.config.train.batch_size, self.rng)
+        try:
+            yield from self._loop(max_seconds, max_iterations)
+        finally:  # also when the caller closes the generator
+            if self._prefetcher is not None:
+                self._prefetcher.close()
+                self._prefetcher = None
+
+    def _loop(self, max_seconds: float | None, max_iterations: int | None) -> Generator[TrainReport, Any, None]:
         start = time.perf_counter()
         step_seconds = 0.0
         done = 0
