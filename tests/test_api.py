@@ -186,3 +186,29 @@ def test_prefetching_keeps_runs_reproducible(small_volume, tiny_config):
     b = _tiny_run(small_volume, tiny_config, seed=2)  # same batches drawn in the same order without the thread
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_warm_start_with_a_subset_of_classes_keeps_the_models_class_order(small_volume, tiny_config):
+    image, labels, truth, slices = small_volume
+    first = _tiny_run(small_volume, tiny_config)  # classes [0, 1, 2]
+    only_two = np.where(labels == 1, 0, labels)  # a correction round that touched class 2 only
+    volume = as_volume(image)
+    ann = prepare_annotations(only_two, volume.spatial_shape, slices)
+    assert ann.class_values == [0, 2]
+    trainer = Trainer(volume, ann, config=tiny_config, device="cpu", init=first.model)
+    assert trainer.annotations.class_values == [0, 1, 2]
+    assert (trainer.annotations.target[only_two == 2] == 2).all()
+    res = napari_sparse3d.run(image, only_two, annotated_slices=slices, max_iterations=1, config=tiny_config,
+                              init=first.model)
+    assert res.class_values == [0, 1, 2]
+
+
+def test_a_correction_round_may_annotate_a_single_class(small_volume, tiny_config):
+    image, labels, truth, slices = small_volume
+    first = _tiny_run(small_volume, tiny_config)
+    correction = np.zeros_like(labels)
+    correction[3, 8:12, 8:12] = 1  # one painted patch of class 1, nothing else
+    with pytest.raises(ValueError, match="only one class"):
+        napari_sparse3d.run(image, correction, max_iterations=1, config=tiny_config)
+    res = napari_sparse3d.run(image, correction, max_iterations=1, config=tiny_config, init=first.model)
+    assert res.history[-1].iteration == first.history[-1].iteration + 1

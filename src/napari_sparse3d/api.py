@@ -140,7 +140,15 @@ def run(
 
     cfg = resolve_config(config, resolve_device(device).type)
     volume = as_volume(image, channel_axis)
-    annotations = prepare_annotations(labels, volume.spatial_shape, annotated_slices, background_label)
+    class_values = None
+    if init is not None:  # a correction round may touch a single class: the model knows the others
+        from .checkpoint import as_model
+
+        init = as_model(init, name="init")
+        class_values = init.sparse3d.class_values
+    annotations = prepare_annotations(
+        labels, volume.spatial_shape, annotated_slices, background_label, class_values=class_values
+    )
     _check_volume_finite(volume)
     if max_seconds is None and max_iterations is None:
         max_seconds = DEFAULT_SECONDS

@@ -113,11 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 class _Progress:
     """A tqdm bar over the training budget, then over the prediction windows."""
 
-    def __init__(self, quiet: bool, seconds: float | None, iterations: int | None) -> None:
+    def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bar: Any = None
         self.phase = ""
-        self.seconds, self.iterations = seconds, iterations
 
     def __call__(self, report: Any) -> None:
         if self.quiet:
@@ -168,7 +167,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .api import run
 
-    progress = _Progress(args.quiet, args.seconds, args.iterations)
+    progress = _Progress(args.quiet)
     res = run(args.image, args.labels, progress=progress, **_train_kwargs(args))
     progress.close()
     path = res.save(args.output)
@@ -187,7 +186,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for image in args.images:
         name = Path(image).name.split(".")[0]
         target = out_dir / f"{name}_labels.{args.format}"
-        progress = _Progress(args.quiet, None, None)
+        progress = _Progress(args.quiet)
         if args.format == "zarr":
             predict(image, model, out=str(target), device=args.device, progress=progress, channel_axis=args.channel_axis)
         else:
@@ -222,7 +221,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         image, labels = load_array(args.image), load_array(args.labels, name="labels")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = _Progress(args.quiet, args.seconds, args.iterations)
+    progress = _Progress(args.quiet)
     res = run(image, labels, progress=progress, **kwargs)
     progress.close()
     save_array(out_dir / "labels.tif", res.labels)

@@ -227,6 +227,16 @@ class Annotations:
     def num_classes(self) -> int:
         return len(self.class_values)
 
+    def remap(self, class_values: Sequence[int]) -> "Annotations":
+        """The same annotations in another class order (a model's, when training continues)."""
+        class_values = [int(v) for v in class_values]
+        if class_values == self.class_values:
+            return self
+        _check_known(self.class_values, class_values)
+        lut = np.array([class_values.index(v) for v in self.class_values], dtype=np.int16)
+        target = np.where(self.target >= 0, lut[np.clip(self.target, 0, None)], -1).astype(np.int16)
+        return Annotations(target=target, class_values=class_values, annotated_slices=self.annotated_slices)
+
     def slice_counts(self) -> list[int]:
         """Annotated voxels on the annotated slices of each axis."""
         counts = []
@@ -239,6 +249,15 @@ class Annotations:
     def counts(self) -> np.ndarray:
         labeled = self.target[self.target >= 0]
         return np.bincount(labeled.ravel(), minlength=self.num_classes)
+
+
+def _check_known(values: Sequence[int], class_values: Sequence[int]) -> None:
+    unknown = [int(v) for v in values if v not in class_values]
+    if unknown:
+        raise ValueError(
+            f"labels hold values {unknown} that the model does not know (its classes are {list(class_values)});"
+            " start a new model to add classes"
+        )
 
 
 def _integer_labels(labels: Any) -> np.ndarray:
@@ -304,12 +323,7 @@ def prepare_annotations(
             )
     else:
         class_values = [int(v) for v in class_values]
-        unknown = [v for v in foreground_values if v not in class_values]
-        if unknown or (has_background and 0 not in class_values):
-            raise ValueError(
-                f"labels hold values {unknown or [0]} that the model does not know (its classes are {class_values});"
-                " start a new model to add classes"
-            )
+        _check_known(([0] if has_background else []) + foreground_values, class_values)
     if len(class_values) > 255:
         raise ValueError(
             f"labels hold {len(class_values)} classes; expected a few semantic classes (is this an instance "

@@ -146,6 +146,8 @@ class Trainer:
             self.config = Config(info.config.model, config.train, config.predict) if config else info.config
             self.normalization = info.normalization
             self.class_values = info.class_values
+            # new labels may hold only some of the model's classes: index them the model's way
+            annotations = annotations.remap(self.class_values)
             self.spacing = info.spacing if spacing is None else tuple(spacing)
             self.patch_size = info.patch_size
             self.history: list[dict[str, Any]] = list(info.history)
