@@ -130,15 +130,16 @@ class _Progress:
                 self._close()
                 self.phase = "predict"
                 self.bar = tqdm(total=report.windows_total, desc="predict", unit="window", file=sys.stderr)
-            self.bar.n = report.windows_done
-            self.bar.refresh()
+            self.bar.update(report.windows_done - self.bar.n)  # redraws at most every mininterval
             return
         if self.phase != "train":
             self._close()
             self.phase = "train"
-            self.bar = tqdm(total=100, desc="train", unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}")
-        self.bar.n = round(100 * report.progress)
-        self.bar.set_postfix_str(f"step {report.iteration} loss {report.loss:.4f} {report.elapsed:.0f}s", refresh=True)
+            self.bar = tqdm(
+                total=100, desc="train", file=sys.stderr, mininterval=0.5, bar_format="{l_bar}{bar}| {elapsed}{postfix}"
+            )
+        self.bar.set_postfix_str(f"step {report.iteration}, loss {report.loss:.4f}", refresh=False)
+        self.bar.update(round(100 * report.progress) - self.bar.n)
 
     def _close(self) -> None:
         if self.bar is not None:
