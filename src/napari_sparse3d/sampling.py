@@ -77,20 +77,32 @@ class PatchSampler:
         self.set_targets(target, weights)
 
     def set_targets(self, target: np.ndarray, weights: np.ndarray) -> None:
-        """Replace the annotations (for example after the user painted corrections)."""
-        self.target = target
-        self.weights = np.asarray(weights, dtype=np.float32)
+        """Replace the annotations (for example after the user painted corrections).
+
+        The new state is built aside and swapped in with one assignment, so a
+        prefetching thread inside :meth:`sample` sees either the old or the new
+        annotations, never a mix.
+        """
+        weights = np.asarray(weights, dtype=np.float32)
         flat = target.ravel()
         labeled = np.flatnonzero(flat >= 0)
         sampler = np.random.default_rng(0)  # fixed: which positions are kept must not consume the training rng
         if labeled.size > self.max_positions:
             labeled = sampler.choice(labeled, self.max_positions, replace=False)
-        self.labeled = labeled
-        self.by_class = {}
+        by_class = {}
         for k in self.foreground_classes:
             positions = labeled[flat[labeled] == k]
             if positions.size:
-                self.by_class[k] = positions
+                by_class[k] = positions
+        self._state = (target, weights, labeled, by_class)
+
+    @property
+    def target(self) -> np.ndarray:
+        return self._state[0]
+
+    @property
+    def foreground_classes_present(self) -> list[int]:
+        return list(self._state[3])
 
     def _origin(self, flat_index: int, rng: np.random.Generator) -> tuple[int, ...]:
         shape = self.target.shape
@@ -101,11 +113,12 @@ class PatchSampler:
             origin.append(int(np.clip(start, 0, max(d - p, 0))))
         return tuple(origin)
 
-    def _read(self, origin: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read(self, origin: Sequence[int], state: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        all_targets, class_weight = state[0], state[1]
         region = tuple(slice(o, o + p) for o, p in zip(origin, self.patch_size))
         image = self.normalization.apply(self.volume.read(region))
-        target = np.asarray(self.target[region], dtype=np.int64)
-        weight = np.where(target >= 0, self.weights[np.clip(target, 0, None)], 0.0).astype(np.float32)
+        target = np.asarray(all_targets[region], dtype=np.int64)
+        weight = np.where(target >= 0, class_weight[np.clip(target, 0, None)], 0.0).astype(np.float32)
         pad = [(0, p - s) for p, s in zip(self.patch_size, target.shape)]
         if any(after for _, after in pad):
             image = np.pad(image, [(0, 0)] + pad)
@@ -115,19 +128,18 @@ class PatchSampler:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch ``(image (B, C, z, y, x), target (B, z, y, x), weight (B, z, y, x))``."""
+        state = self._state  # one snapshot for the whole batch
+        labeled, by_class = state[2], state[3]
+        present = list(by_class)
         images, targets, weights = [], [], []
         for _ in range(batch_size):
-            if self.by_class and rng.random() < self.foreground_fraction:
-                positions = self.by_class[self.foreground_classes_present[int(rng.integers(len(self.by_class)))]]
+            if present and rng.random() < self.foreground_fraction:
+                positions = by_class[present[int(rng.integers(len(present)))]]
             else:
-                positions = self.labeled
+                positions = labeled
             origin = self._origin(positions[int(rng.integers(positions.size))], rng)
-            image, target, weight = self.augmenter(*self._read(origin), rng)
+            image, target, weight = self.augmenter(*self._read(origin, state), rng)
             images.append(image)
             targets.append(target)
             weights.append(weight)
         return np.stack(images), np.stack(targets), np.stack(weights)
-
-    @property
-    def foreground_classes_present(self) -> list[int]:
-        return list(self.by_class)

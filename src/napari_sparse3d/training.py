@@ -24,7 +24,7 @@ import torch
 
 from .augment import Augmenter
 from .checkpoint import ModelInfo, as_model, save_checkpoint
-from .config import Config
+from .config import Config, default_preset
 from .data import Annotations, Volume, check_budget, prepare_annotations
 from .devices import autocast, resolve_device, resolve_precision
 from .losses import SparseLoss
@@ -152,7 +152,7 @@ class Trainer:
             self.patch_size = info.patch_size
             self.history: list[dict[str, Any]] = list(info.history)
         else:
-            self.config = config or Config()
+            self.config = config or Config.from_preset(default_preset(self.device.type))
             self.spacing = None if spacing is None else tuple(spacing)
             self.normalization = compute_normalization(volume)
             self.class_values = annotations.class_values
