@@ -132,7 +132,9 @@ class PredictConfig:
 
     overlap: float = 0.5
     batch_size: int = 2
-    mirror_tta: bool = False
+    # average the 8 mirrorings of each window (nnU-Net does): 8x the compute of one pass; on the
+    # nuclei benchmark +0.010 to +0.018 mean Dice over three seeds (benchmarks/label_efficiency.py)
+    mirror_tta: bool = True
     gaussian_sigma: float = 0.125  # of the window size, as in nnU-Net
 
     def __post_init__(self) -> None:
@@ -220,7 +222,7 @@ class Config:
 #: cheap; ``run(config=None)`` picks it on CUDA.  "fast" trades accuracy for
 #: the quickest steps (previews, smoke tests).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "fast": {"model": {"levels": 3, "deep_supervision": False}},
+    "fast": {"model": {"levels": 3, "deep_supervision": False}, "predict": {"mirror_tta": False}},
     "default": {},
     "large": {
         "model": {"base_features": 32, "levels": 5, "max_features": 320},

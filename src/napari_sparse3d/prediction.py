@@ -29,7 +29,7 @@ from .config import PredictConfig
 from .data import Volume, check_finite
 from .devices import autocast, resolve_device, resolve_precision
 
-__all__ = ["Block", "PredictReport", "window_starts", "gaussian_importance", "predict_blocks"]
+__all__ = ["Block", "PredictReport", "window_starts", "gaussian_importance", "predict_blocks", "predict_region", "context_box"]
 
 
 @dataclass
@@ -208,3 +208,56 @@ def predict_blocks(
         done += len(chunk)
         if progress is not None:
             progress(PredictReport(done, len(windows), time.perf_counter() - start))
+
+
+class _Crop:
+    """A box of a :class:`Volume` that reads like a Volume (used to predict a region with context)."""
+
+    def __init__(self, volume: Volume, box: tuple[slice, slice, slice]) -> None:
+        self.volume, self.box = volume, box
+        self.channels = volume.channels
+        self.spatial_shape = tuple(b.stop - b.start for b in box)
+        self.shape = (self.channels,) + self.spatial_shape
+
+    def read(self, region: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        region = region or (slice(None),) * 3
+        shifted = tuple(
+            slice(b.start + (r.start or 0), b.start + (b.stop - b.start if r.stop is None else r.stop))
+            for b, r in zip(self.box, region)
+        )
+        return self.volume.read(shifted)
+
+
+def context_box(
+    shape: Sequence[int], region: Sequence[slice], window: Sequence[int]
+) -> tuple[slice, slice, slice]:
+    """``region`` grown (about its centre, inside ``shape``) to at least one window per axis."""
+    box = []
+    for size, r, w in zip(shape, region, window):
+        start, stop = max(0, r.start or 0), min(size, size if r.stop is None else r.stop)
+        if stop - start < w:
+            start = max(0, min(size - w, (start + stop - w) // 2))
+            stop = min(size, start + w)
+        box.append(slice(start, stop))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def predict_region(
+    volume: Volume,
+    model: Any,
+    region: Sequence[slice],
+    *,
+    device: str = "auto",
+    config: PredictConfig | None = None,
+) -> Generator[Block, None, None]:
+    """Predict only ``region`` (three slices) of ``volume``, e.g. the slice on screen.
+
+    The region is grown to at least one training patch per axis, so the network
+    sees the context it was trained with; the blocks yielded cover that box, in
+    the volume's coordinates.
+    """
+    model = as_model(model)
+    box = context_box(volume.spatial_shape, region, model.sparse3d.patch_size)
+    for block in predict_blocks(_Crop(volume, box), model, device=device, config=config):  # type: ignore[arg-type]
+        shifted = tuple(slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, block.region))
+        yield Block(shifted, block.probabilities, block.labels)  # type: ignore[arg-type]

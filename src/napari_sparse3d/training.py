@@ -261,17 +261,17 @@ class Trainer:
         with autocast(self.device, self.precision):
             outputs = self.model(x)
         loss = self.loss_fn(outputs, t, w)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # checked before the update: the model keeps the last good weights
+            raise FloatingPointError(
+                f"training diverged at iteration {self.iteration + 1} (loss {value}); lower config.train.learning_rate"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"training diverged at iteration {self.iteration + 1} (loss {value}); lower config.train.learning_rate"
-            )
         return value
 
     def steps(

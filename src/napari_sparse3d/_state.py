@@ -1,0 +1,177 @@
+"""What the plugin's dock widgets share for one viewer (napari, no Qt, no torch).
+
+One :class:`LoopState` per viewer (see :func:`state_for`) holds the chosen
+image and annotation layers, the register of fully annotated slices of each
+annotation layer, the prediction layer and the slices the user corrected in
+it, and the current model.  The register of a layer is mirrored into
+``layer.metadata["napari_sparse3d"]`` so that it travels with the layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+
+from .session import SliceRegister
+
+__all__ = ["LoopState", "state_for", "METADATA_KEY"]
+
+METADATA_KEY = "napari_sparse3d"
+
+_STATES: "weakref.WeakKeyDictionary[Any, LoopState]" = weakref.WeakKeyDictionary()
+
+
+def state_for(viewer: Any) -> "LoopState":
+    """The shared state of ``viewer``'s widgets (created on first use)."""
+    try:
+        return _STATES[viewer]
+    except KeyError:
+        state = _STATES[viewer] = LoopState(viewer)
+        return state
+
+
+class LoopState:
+    def __init__(self, viewer: Any) -> None:
+        self.viewer = viewer
+        self.image_layer: Any = None
+        self.labels_layer: Any = None
+        self.prediction_layer: Any = None
+        self.uncertainty_layer: Any = None
+        self.model: Any = None  # the last good model (a trained torch module)
+        self.trainer: Any = None  # kept between rounds so Continue keeps the optimiser state
+        self.trainer_key: tuple | None = None
+        self.uncertainty: np.ndarray | None = None
+        # what the network last predicted, to tell the user's corrections from it
+        self.reference: np.ndarray | None = None
+        self.corrected: dict[int, set[int]] = {0: set(), 1: set(), 2: set()}
+        self._registers: dict[int, SliceRegister] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.busy = False
+
+    # -- notification -----------------------------------------------------------------
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def changed(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+    # -- layers -----------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int] | None:
+        if self.image_layer is None:
+            return None
+        return tuple(int(s) for s in self.image_layer.data.shape[-3:])  # type: ignore[return-value]
+
+    def register(self, layer: Any = None) -> SliceRegister | None:
+        """The fully-annotated-slice register of an annotation layer (default: the chosen one)."""
+        layer = layer if layer is not None else self.labels_layer
+        if layer is None:
+            return None
+        key = id(layer)
+        if key not in self._registers:
+            saved = (layer.metadata.get(METADATA_KEY) or {}).get("annotated_slices") or {}
+            register = SliceRegister(layer.data.shape[-3:], {int(a): v for a, v in saved.items()})
+            register.on_change(lambda: self._mirror(layer, register))
+            self._registers[key] = register
+            self._mirror(layer, register)
+        return self._registers[key]
+
+    def _mirror(self, layer: Any, register: SliceRegister) -> None:
+        meta = dict(layer.metadata.get(METADATA_KEY) or {})
+        meta["annotated_slices"] = {str(a): v for a, v in register.as_dict().items()}
+        layer.metadata[METADATA_KEY] = meta
+        self.changed()
+
+    def spacing(self) -> tuple[float, float, float] | None:
+        if self.image_layer is None:
+            return None
+        scale = tuple(float(s) for s in self.image_layer.scale[-3:])
+        return None if np.allclose(scale, scale[0]) else scale  # type: ignore[return-value]
+
+    # -- where the user looks -----------------------------------------------------------
+    def data_point(self) -> np.ndarray | None:
+        """The viewer's current point in the image layer's voxel coordinates."""
+        if self.image_layer is None:
+            return None
+        point = np.asarray(self.image_layer.world_to_data(self.viewer.dims.point))[-3:]
+        shape = np.asarray(self.shape)
+        return np.clip(np.round(point), 0, shape - 1).astype(int)
+
+    def current_slice(self) -> tuple[int, int] | None:
+        """``(axis, index)`` of the slice on screen, or None in 3D display."""
+        if self.image_layer is None or self.viewer.dims.ndisplay != 2:
+            return None
+        ndim = self.viewer.dims.ndim
+        hidden = [a - (ndim - 3) for a in self.viewer.dims.not_displayed if a >= ndim - 3]
+        if not hidden:
+            return None
+        axis = hidden[-1]
+        point = self.data_point()
+        return axis, int(point[axis])  # type: ignore[index]
+
+    def view_region(self) -> tuple[slice, slice, slice] | None:
+        """The region to preview: the slice on screen (2D) or the whole volume (3D)."""
+        if self.image_layer is None:
+            return None
+        current = self.current_slice()
+        if current is None:
+            return (slice(None),) * 3  # type: ignore[return-value]
+        axis, index = current
+        region = [slice(None)] * 3
+        region[axis] = slice(index, index + 1)
+        return tuple(region)  # type: ignore[return-value]
+
+    def show_axis(self, axis: int) -> None:
+        """Slice the volume along ``axis`` (the other two are displayed)."""
+        ndim = self.viewer.dims.ndim
+        axis = ndim - 3 + axis
+        others = [a for a in range(ndim) if a != axis]
+        self.viewer.dims.ndisplay = 2
+        self.viewer.dims.order = tuple(others[:-2] + [axis] + others[-2:])
+
+    def go_to(self, axis: int, index: int) -> None:
+        """Show slice ``index`` of ``axis``."""
+        self.show_axis(axis)
+        world_axis = self.viewer.dims.ndim - 3 + axis
+        point = np.zeros(self.image_layer.ndim)
+        point[-3 + axis] = index
+        world = self.image_layer.data_to_world(point)
+        self.viewer.dims.set_point(world_axis, float(world[-3 + axis]))
+
+    # -- corrections --------------------------------------------------------------------
+    def record_paint(self, atoms: Any) -> None:
+        """Note the slices that a paint event on the prediction layer changed."""
+        current = self.current_slice()
+        if current is None:
+            return
+        axis, _ = current
+        for atom in atoms or []:
+            indices = atom[0] if isinstance(atom, tuple) else getattr(atom, "indices", None)
+            if indices is None or len(indices) < 3:
+                continue
+            values = np.unique(np.asarray(indices[-3 + axis]))
+            self.corrected[axis].update(int(v) for v in values)
+        self.changed()
+
+    def corrected_slices(self) -> dict[int, list[int]]:
+        """The corrected slices; where no paint was seen, the slices of the current axis that differ."""
+        found = {a: sorted(s) for a, s in self.corrected.items() if s}
+        if found or self.prediction_layer is None or self.reference is None:
+            return found
+        current = self.current_slice()
+        if current is None:
+            return {}
+        axis = current[0]
+        diff = np.asarray(self.prediction_layer.data) != self.reference
+        other = tuple(a for a in range(3) if a != axis)
+        indices = np.flatnonzero(diff.any(axis=other))
+        return {axis: [int(i) for i in indices]} if indices.size else {}
+
+    def reset_corrections(self) -> None:
+        self.corrected = {0: set(), 1: set(), 2: set()}
+        if self.prediction_layer is not None:
+            self.reference = np.array(self.prediction_layer.data, copy=True)
+        self.changed()

@@ -1,0 +1,259 @@
+"""The napari plugin, driven the way a user drives it (pytest-qt, a real viewer under Xvfb)."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+from napari_sparse3d.metrics import mean_foreground_dice  # noqa: E402
+from napari_sparse3d.sample_data import make_cells  # noqa: E402
+
+PLUGIN = "napari-sparse3d"
+MANIFEST = Path(__file__).parents[1] / "src" / "napari_sparse3d" / "napari.yaml"
+
+
+def test_manifest_python_names_import_without_torch():
+    names = [c["python_name"] for c in yaml.safe_load(MANIFEST.read_text())["contributions"]["commands"]]
+    assert len(names) >= 4
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    module, attr = name.split(':')\n"
+        "    assert callable(getattr(importlib.import_module(module), attr)), name\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_npe2_validate_passes():
+    out = subprocess.run([sys.executable, "-m", "npe2", "validate", PLUGIN], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "valid" in (out.stdout + out.stderr).lower()
+
+
+def test_synthetic_sample_restores_the_register(make_napari_viewer):
+    from napari_sparse3d._state import state_for
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "synthetic")
+    viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate slices")
+    state = state_for(viewer)
+    assert state.image_layer.name == "synthetic cells"
+    assert state.labels_layer.name == "annotations"
+    register = state.register()
+    assert len(register) == 6 and all(len(v) == 2 for v in register.as_dict().values())
+
+
+def _viewer_with_cells(make_napari_viewer, shape=(24, 48, 48), seed=3, show=False):
+    image, truth = make_cells(shape, seed=seed)
+    viewer = make_napari_viewer(show=show)
+    viewer.add_image(image, name="cells")
+    _, annotate = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate slices")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train and predict")
+    return viewer, annotate, train, truth
+
+
+def _annotate_slice(viewer, annotate, truth, axis, index):
+    """What a user does: go to the slice, paint the truth there, mark it annotated."""
+    state = annotate.state
+    state.go_to(axis, index)
+    assert state.current_slice() == (axis, index)
+    key = [slice(None)] * 3
+    key[axis] = index
+    state.labels_layer.data[tuple(key)] = truth[tuple(key)]
+    state.labels_layer.refresh()
+    assert annotate.toggle_mark() is True
+
+
+def _wait_done(qtbot, train, timeout=120_000):
+    qtbot.waitUntil(lambda: not train.running, timeout=timeout)
+
+
+def test_annotate_train_correct_retrain(make_napari_viewer, qtbot):
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
+    state = annotate.state
+    assert state.image_layer.name == "cells"
+    layer = annotate.create_labels_layer()
+    assert layer.data.shape == truth.shape and state.labels_layer is layer
+
+    # a weak first round: one suggested slice along z
+    axis, index = annotate.next_slice()
+    assert axis == 0 and index in (11, 12)  # the middle of 24 slices
+    _annotate_slice(viewer, annotate, truth, axis, index)
+    assert f"z: {index}" in annotate.register_info.value and "background" in annotate.count_info.value
+
+    previews = []
+    train.preview_every = 1.0
+    train.seconds.value = 8
+    original_paint = train._paint
+    train._paint = lambda blocks: (previews.append((train.phase, len(blocks))), original_paint(blocks))[-1]
+    state.go_to(1, 20)  # what the user looks at during training
+    assert train.start(warm=False)
+    qtbot.waitUntil(lambda: state.prediction_layer is not None, timeout=60_000)
+    _wait_done(qtbot, train)
+    assert train.last_error is None
+    during = [p for p in previews if p[0] == "training"]
+    assert len(during) >= 2, previews  # the prediction layer updated while training ran
+    assert state.model is not None and train.plot.iterations
+
+    # score on the voxels no round ever annotates
+    corrections = {1: [12, 30], 2: [16]}
+    final_mask = np.zeros(truth.shape, bool)
+    final_mask[index] = True
+    for a, indices in corrections.items():
+        for i in indices:
+            key = [slice(None)] * 3
+            key[a] = i
+            final_mask[tuple(key)] = True
+    first = mean_foreground_dice(state.prediction_layer.data, truth, mask=~final_mask)
+
+    # correct the prediction on three slices, as a user paints: through the layer's edit API
+    for a, indices in corrections.items():
+        for i in indices:
+            state.go_to(a, i)
+            key = [slice(None)] * 3
+            key[a] = i
+            wrong = np.nonzero(state.prediction_layer.data[tuple(key)] != truth[tuple(key)])
+            coords = [None, None, None]
+            coords[a] = np.full(wrong[0].shape, i)
+            others = [d for d in range(3) if d != a]
+            coords[others[0]], coords[others[1]] = wrong
+            state.prediction_layer.data_setitem(tuple(coords), truth[tuple(coords)])
+    assert state.corrected_slices() == corrections
+    train.seconds.value = 12
+    accepted = train.use_corrections()
+    assert sorted(accepted) == [(1, 12), (1, 30), (2, 16)]
+    assert state.register().as_dict() == {0: [index], 1: [12, 30], 2: [16]}
+    np.testing.assert_array_equal(state.labels_layer.data[:, 30], truth[:, 30])
+    assert train.running
+    _wait_done(qtbot, train)
+    assert train.last_error is None
+    second = mean_foreground_dice(state.prediction_layer.data, truth, mask=~final_mask)
+    print(f"Dice outside the annotated slices: first round {first:.3f}, after the correction round {second:.3f}")
+    assert second > first + 0.02, (first, second)
+    assert state.uncertainty is None  # not asked for
+    assert annotate.uncertain_slice() is not None
+
+
+def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot):
+    from qtpy.QtCore import QTimer
+
+    # shown, so that the canvas really draws every refresh of the layers
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer, shape=(32, 64, 64), show=True)
+    annotate.create_labels_layer()
+    for axis in range(3):
+        _annotate_slice(viewer, annotate, truth, axis, truth.shape[axis] // 2)
+    state = annotate.state
+    state.go_to(0, 10)
+    train.preview_every = 1.0
+    train.uncertainty_box.value = True
+    train.seconds.value = 10
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    assert train.start(warm=False)
+    _wait_done(qtbot, train)
+    timer.stop()
+    assert train.last_error is None
+    delays = np.diff(ticks) - 0.010
+    p99 = float(np.percentile(delays, 99))
+    print(f"timer ticks {len(ticks)}, delay p50 {np.median(delays) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {delays.max() * 1e3:.1f} ms")
+    assert len(ticks) > 200
+    assert p99 < 0.100
+    assert state.uncertainty_layer is not None
+
+
+def test_stop_is_quick_and_keeps_the_model(make_napari_viewer, qtbot):
+    import torch
+
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
+    annotate.create_labels_layer()
+    _annotate_slice(viewer, annotate, truth, 0, 12)
+    train.seconds.value = 600
+    phases = []
+    original = train._on_yield
+    train._on_yield = lambda item: (phases.append((time.perf_counter(), train.phase)), original(item))[-1]
+    assert train.start(warm=False)
+    qtbot.waitUntil(lambda: len(train.plot.iterations) >= 5, timeout=60_000)
+    stopped_at = time.perf_counter()
+    train.stop()
+    qtbot.waitUntil(lambda: train.phase in ("predicting", "idle"), timeout=10_000)
+    took = time.perf_counter() - stopped_at
+    print(f"stop -> training ended in {took:.2f} s")
+    assert took < 2.0
+    _wait_done(qtbot, train)
+    model = annotate.state.model
+    assert model is not None and train.last_error is None
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert int(model.sparse3d.history[-1]["iteration"]) == train.plot.iterations[-1]
+    assert annotate.state.prediction_layer.data.any()
+
+
+def test_failure_is_notified_and_loses_nothing(make_napari_viewer, qtbot, monkeypatch):
+    from napari_sparse3d import _widgets
+    from napari_sparse3d.training import Trainer
+
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
+    annotate.create_labels_layer()
+    _annotate_slice(viewer, annotate, truth, 0, 12)
+    _annotate_slice(viewer, annotate, truth, 1, 24)
+    state = annotate.state
+    labels_before = state.labels_layer.data.copy()
+    register_before = state.register().as_dict()
+    errors = []
+    monkeypatch.setattr(_widgets, "show_error", errors.append)
+    real_step = Trainer._step
+    calls = []
+
+    def failing_step(self, lr):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated failure in step 6")
+        return real_step(self, lr)
+
+    monkeypatch.setattr(Trainer, "_step", failing_step)
+    train.seconds.value = 60
+    assert train.start(warm=False)
+    _wait_done(qtbot, train)
+    assert isinstance(train.last_error, RuntimeError)
+    assert errors and "simulated failure in step 6" in errors[0] and "training failed" in errors[0]
+    np.testing.assert_array_equal(state.labels_layer.data, labels_before)
+    assert state.register().as_dict() == register_before
+    assert state.model is not None and len(state.model.sparse3d.history) == 5
+    assert train.start_button.enabled and not train.stop_button.enabled
+    # the last good model still predicts another layer
+    other = viewer.add_image(make_cells((24, 48, 48), seed=9)[0], name="other")
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    target = train.apply_model(other)
+    _wait_done(qtbot, train)
+    assert target.name == "other prediction" and target.data.any()
+
+
+def test_save_load_model_and_form(make_napari_viewer, qtbot, tmp_path):
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
+    config = train.config()
+    assert config.train.learning_rate == pytest.approx(3e-3)
+    train.preset.value = "fast"
+    assert train.config().model.levels == 3
+    train.advanced["train.batch_size"].value = 2
+    assert train.config().train.batch_size == 2
+    annotate.create_labels_layer()
+    _annotate_slice(viewer, annotate, truth, 0, 12)
+    assert train.start(warm=False, max_iterations=3)
+    _wait_done(qtbot, train)
+    path = train.save_model(str(tmp_path / "m.pt"))
+    assert path and Path(path).is_file()
+    loaded = train.load_model(path)
+    assert loaded.sparse3d.class_values == annotate.state.model.sparse3d.class_values
+    assert train.load_model(str(tmp_path / "missing.pt")) is None
