@@ -346,6 +346,7 @@ class TrainingWidget(QWidget):
             widgets=[_config_widget(s, n, getattr(getattr(defaults, s), n)) for s, n in ADVANCED]
         )
         self.preset.changed.connect(self._apply_preset)
+        self._apply_preset(self.preset.value)
         self.start_button = PushButton(text="Start (new model)")
         self.continue_button = PushButton(text="Continue (Alt-T)")
         self.stop_button = PushButton(text="Stop (Alt-S)")
@@ -408,6 +409,8 @@ class TrainingWidget(QWidget):
         config = Config.from_preset(name)
         for section, field in ADVANCED:
             self.advanced[f"{section}.{field}"].value = getattr(getattr(config, section), field)
+        # interactive default: one pass per window (mirroring costs 8x; tick it for a final result)
+        self.advanced["predict.mirror_tta"].value = False
 
     def config(self) -> Config:
         """The configuration the form describes (the preset with the advanced fields over it)."""
