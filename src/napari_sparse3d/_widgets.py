@@ -353,6 +353,7 @@ class TrainingWidget(QWidget):
         self.correct_button = PushButton(text="Use corrections and continue (Alt-A)")
         self.accept_button = PushButton(text="Accept this slice of the prediction")
         self.status = Label(value="Annotate a few slices, then Start.")
+        self.corrections_info = Label(value="")
         self.apply_to = _add_layer_combo(napari_viewer, Image, "apply to")
         self.apply_button = PushButton(text="Predict this image")
         self.save_button = PushButton(text="Save model…")
@@ -376,7 +377,7 @@ class TrainingWidget(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.status.native)
         layout.addWidget(self.plot)
-        layout.addWidget(Container(widgets=[self.correct_button, self.accept_button]).native)
+        layout.addWidget(Container(widgets=[self.corrections_info, self.correct_button, self.accept_button]).native)
         model_box = Container(
             widgets=[
                 Container(widgets=[self.save_button, self.load_button], layout="horizontal", labels=False),
@@ -399,7 +400,16 @@ class TrainingWidget(QWidget):
             event.connect(self.reset_choices)
         for key, action in (("Alt-T", lambda: self.start(warm=True)), ("Alt-S", self.stop), ("Alt-A", self.use_corrections)):
             napari_viewer.bind_key(key, lambda _v, f=action: f(), overwrite=True)
+        self.state.on_change(self._show_corrections)
         self._update_buttons()
+
+    def _show_corrections(self) -> None:
+        found = {a: sorted(s) for a, s in self.state.corrected.items() if s}
+        if not found:
+            self.corrections_info.value = "corrections: edit the prediction layer on a slice, then use them"
+            return
+        listed = "   ".join(f"{AXIS_NAMES[a]}: " + ", ".join(map(str, v)) for a, v in found.items())
+        self.corrections_info.value = f"corrected slices  {listed}"
 
     # -- settings -------------------------------------------------------------------------
     def reset_choices(self, *_: Any) -> None:

@@ -1,0 +1,113 @@
+"""Make the README's screenshots from the real plugin, on a virtual screen.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/screenshots.py
+
+Drives the loop a user goes through — annotate two slices, train with the
+prediction streaming in, correct a slice, continue — and saves the whole napari
+window at each stage into ``docs/images/``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).parent / "images"
+
+
+def wait(app, condition, timeout=600.0):
+    start = time.perf_counter()
+    while not condition():
+        app.processEvents()
+        time.sleep(0.02)
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError("the plugin did not get there in time")
+
+
+def pause(app, seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def main() -> int:
+    import os
+    import tempfile
+
+    # napari saves changed settings: keep ours away from the user's own settings file
+    os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp()) / "settings.yaml")
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_sparse3d.sample_data import make_cells
+
+    from napari.settings import get_settings
+
+    # no notification toasts over the screenshots
+    get_settings().application.gui_notification_level = "none"
+    OUT.mkdir(parents=True, exist_ok=True)
+    image, truth = make_cells((48, 96, 96), classes=3, seed=1)
+    viewer = napari.Viewer(title="napari-sparse3d")
+    viewer.window.resize(1500, 900)
+    viewer.add_image(image, name="cells")
+    _, annotate = viewer.window.add_plugin_dock_widget("napari-sparse3d", "Annotate slices")
+    _, train = viewer.window.add_plugin_dock_widget("napari-sparse3d", "Train and predict")
+    app = QApplication.instance()
+    state = annotate.state
+    labels = annotate.create_labels_layer()
+
+    # 1. annotate: the suggested slice of two axes, painted and marked
+    marked = []
+    for axis in (0, 1):
+        state.show_axis(axis)
+        axis, index = annotate.next_slice()
+        marked.append(index)
+        key = [slice(None)] * 3
+        key[axis] = index
+        labels.data[tuple(key)] = truth[tuple(key)]
+        labels.refresh()
+        annotate.toggle_mark()
+    state.go_to(0, marked[0])
+    viewer.reset_view()
+    pause(app, 1.0)
+    viewer.screenshot(str(OUT / "1-annotate.png"), canvas_only=False)
+
+    # 2. train: the viewed slice's prediction streams in
+    train.preview_every = 2.0
+    train.seconds.value = 40
+    train.uncertainty_box.value = False
+    train.start(warm=False)
+    wait(app, lambda: state.prediction_layer is not None and len(train.plot.iterations) > 150)
+    pause(app, 3.0)
+    viewer.screenshot(str(OUT / "2-training.png"), canvas_only=False)
+    wait(app, lambda: not train.running)
+    pause(app, 1.0)
+    before = float(np.mean(state.prediction_layer.data == truth))
+
+    # 3. correct: fix the prediction on a slice of the third axis, then continue
+    state.go_to(2, 60)
+    key = (slice(None), slice(None), 60)
+    wrong = state.prediction_layer.data[key] != truth[key]
+    zz, yy = np.nonzero(wrong)
+    state.prediction_layer.data_setitem((zz, yy, np.full(zz.shape, 60)), truth[zz, yy, 60])
+    viewer.layers.selection.active = state.prediction_layer
+    pause(app, 1.0)
+    viewer.screenshot(str(OUT / "3-correct.png"), canvas_only=False)
+    train.seconds.value = 40
+    train.use_corrections()
+    wait(app, lambda: not train.running)
+    state.go_to(0, 30)
+    pause(app, 1.0)
+    viewer.screenshot(str(OUT / "4-retrained.png"), canvas_only=False)
+    after = float(np.mean(state.prediction_layer.data == truth))
+    print(f"voxel accuracy: {before:.3f} after the first round, {after:.3f} after the correction round")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
