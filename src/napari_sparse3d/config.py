@@ -180,7 +180,7 @@ class Config:
     @classmethod
     def from_preset(cls, name: str = "default", **overrides: Mapping[str, Any]) -> "Config":
         if name not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+            raise ValueError(f"config: preset must be one of {sorted(PRESETS)}, got {name!r}")
         data = {k: dict(v) for k, v in PRESETS[name].items()}
         for section, values in overrides.items():
             data.setdefault(section, {}).update(values)

@@ -58,6 +58,7 @@ def training_job(
     preview_every: float = 3.0,
     predict_after: bool = True,
     device: str | None = None,
+    saver: Any = None,
 ) -> Generator[TrainReport | Preview | Phase | Block | PredictReport, None, None]:
     """Train ``trainer`` within the budget, with previews, then predict the whole volume.
 
@@ -76,6 +77,9 @@ def training_job(
     preview_every : float
         Seconds between previews; stretched so previews take at most a
         fifth of the time.
+    saver : CheckpointSaver, optional
+        Writes the model into a project every so often, and when training ends
+        (not after a failure: the project keeps its last good checkpoint).
     """
     stop = stop or threading.Event()
     cancel = cancel or threading.Event()
@@ -86,6 +90,8 @@ def training_job(
     last_preview = time.perf_counter()
     try:
         for report in steps:
+            if saver is not None:
+                saver.step(trainer.model)
             yield report
             if stop.is_set() or cancel.is_set():
                 break
@@ -101,6 +107,8 @@ def training_job(
     finally:
         steps.close()
         trainer.release()
+    if saver is not None:
+        saver.final(trainer.model)
     if cancel.is_set():
         yield Phase("cancelled")
         return

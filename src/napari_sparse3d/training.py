@@ -16,6 +16,7 @@ import math
 import queue
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Generator, Mapping, Sequence
 
@@ -199,6 +200,7 @@ class Trainer:
         )
         self.annotations = annotations
         self._prefetcher: _Prefetcher | None = None
+        self.batch_size = tc.batch_size  # halved when the GPU runs out of memory
 
     # -- state ------------------------------------------------------------------------
     def _info(self) -> ModelInfo:
@@ -234,6 +236,21 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _out_of_memory(self, exc: BaseException) -> None:
+        """Retry with half the batch (and say so), down to one patch; then give up with advice."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size <= 1:
+            raise MemoryError(
+                f"out of {self.device.type} memory even with one patch of {tuple(self.patch_size)} voxels; choose a"
+                " smaller config.train.patch_voxels or the 'default' preset"
+            ) from exc
+        self.batch_size //= 2
+        warnings.warn(
+            f"out of {self.device.type} memory: training goes on with batch size {self.batch_size}", RuntimeWarning, stacklevel=3
+        )
+
     # -- the loop ---------------------------------------------------------------------
     def _learning_rate(self, step_in_round: int, progress: float) -> float:
         tc = self.config.train
@@ -248,10 +265,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tc = self.config.train
-        if self._prefetcher is not None:
+        if self._prefetcher is not None and self.batch_size == tc.batch_size:
             image, target, weight = self._prefetcher.get()
         else:
-            image, target, weight = self.sampler.sample(tc.batch_size, self.rng)
+            image, target, weight = self.sampler.sample(self.batch_size, self.rng)
         x = torch.from_numpy(image).to(self.device, non_blocking=True)
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -313,7 +330,11 @@ class Trainer:
                 progress = max(progress, done / max_iterations)
             lr = self._learning_rate(done, progress)
             t0 = time.perf_counter()
-            loss = self._step(lr)
+            try:
+                loss = self._step(lr)
+            except torch.OutOfMemoryError as exc:
+                self._out_of_memory(exc)
+                continue
             step_seconds = time.perf_counter() - t0
             done += 1
             self.iteration += 1
