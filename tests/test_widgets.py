@@ -257,3 +257,80 @@ def test_save_load_model_and_form(make_napari_viewer, qtbot, tmp_path):
     loaded = train.load_model(path)
     assert loaded.sparse3d.class_values == annotate.state.model.sparse3d.class_values
     assert train.load_model(str(tmp_path / "missing.pt")) is None
+
+
+def test_project_round_trip_headless_napari_headless(make_napari_viewer, qtbot, tmp_path, small_volume, tiny_config):
+    import torch
+
+    import napari_sparse3d
+    from napari_sparse3d.checkpoint import load_checkpoint
+    from napari_sparse3d.project import Project
+
+    image, labels, truth, slices = small_volume
+    path = tmp_path / "cells.zarr"
+    Project.create(path, image, labels=labels, annotated_slices=slices, config=tiny_config, spacing=(2.0, 1.0, 1.0))
+    napari_sparse3d.run(str(path), max_iterations=3, device="cpu")
+    before = Project.open(path)
+    before_labels, before_slices = before.annotations()
+    before_model = load_checkpoint(before.checkpoint("latest"))
+
+    # napari: the project opens as layers and the docks take it up
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin=PLUGIN)
+    assert [layer.name for layer in viewer.layers] == ["cells", "cells annotations", "prediction"]
+    assert tuple(viewer.layers["cells"].scale) == (2.0, 1.0, 1.0)
+    _, annotate = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate slices")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train and predict")
+    state = annotate.state
+    assert state.project is not None and state.project.path.resolve() == path.resolve()
+    assert state.labels_layer.name == "cells annotations" and state.prediction_layer is viewer.layers["prediction"]
+    assert state.register().as_dict() == slices
+    # saving unchanged work changes nothing: annotations, register, model, history bit for bit
+    assert annotate.save_project()
+    same = Project.open(path)
+    np.testing.assert_array_equal(same.annotations()[0], before_labels)
+    assert same.annotations()[0].dtype == before_labels.dtype
+    assert same.annotations()[1] == before_slices and same.history == before.history
+    assert same.checkpoint("latest") == before.checkpoint("latest")
+
+    # edits autosave within the debounce delay; Continue resumes the project's model
+    annotate.autosave_delay_ms = 200
+    state.go_to(0, 3)
+    state.labels_layer.data_setitem((np.array([3]), np.array([5]), np.array([5])), 1)
+    annotate.toggle_mark()
+    qtbot.waitUntil(lambda: Project.open(path).annotated_slices.get(0) == [3, 8, 14], timeout=5000)
+    train.checkpoint_every = 1e-6
+    assert train.start(warm=True, max_iterations=2)
+    _wait_done(qtbot, train)
+    assert train.last_error is None
+
+    # headless again: everything napari saved, and the history continues
+    after = Project.open(path)
+    saved, saved_slices = after.annotations()
+    np.testing.assert_array_equal(saved, state.labels_layer.data)
+    assert saved_slices == {0: [3, 8, 14], 1: slices[1], 2: slices[2]}
+    assert [h["iteration"] for h in after.history] == [1, 2, 3, 4, 5]
+    assert after.history[:3] == before.history
+    model = load_checkpoint(after.checkpoint("latest"))
+    for (name, a), b in zip(model.state_dict().items(), state.model.state_dict().values()):
+        assert torch.equal(a, b.cpu()), name
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before_model.state_dict().values()))
+    np.testing.assert_array_equal(after.prediction(), state.prediction_layer.data)
+    res = napari_sparse3d.run(str(path), max_iterations=1, device="cpu")
+    assert [r.iteration for r in res.history] == [6]
+
+
+def test_cancelled_prediction_restores_the_previous_one(make_napari_viewer):
+    from napari_sparse3d.jobs import Phase
+    from napari_sparse3d.prediction import Block
+
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
+    annotate.create_labels_layer()
+    layer = train._prediction_layer()
+    layer.data[...] = truth
+    previous = layer.data.copy()
+    train._on_yield(Phase("predicting"))
+    train._on_yield(Block((slice(0, 4),) * 3, np.zeros((2, 4, 4, 4), np.float32), np.full((4, 4, 4), 2, np.uint8)))
+    assert (layer.data[:4, :4, :4] == 2).all()
+    train._on_yield(Phase("cancelled"))
+    np.testing.assert_array_equal(layer.data, previous)

@@ -48,7 +48,7 @@ class LoopState:
         self.corrected: dict[int, set[int]] = {0: set(), 1: set(), 2: set()}
         self._registers: dict[int, SliceRegister] = {}
         self._listeners: list[Callable[[], None]] = []
-        self.busy = False
+        self.project: Any = None  # napari_sparse3d.project.Project the work is saved into
 
     # -- notification -----------------------------------------------------------------
     def on_change(self, callback: Callable[[], None]) -> None:
@@ -90,6 +90,33 @@ class LoopState:
             return None
         scale = tuple(float(s) for s in self.image_layer.scale[-3:])
         return None if np.allclose(scale, scale[0]) else scale  # type: ignore[return-value]
+
+    # -- projects -----------------------------------------------------------------------
+    def adopt_prediction(self, layer: Any) -> None:
+        """Use ``layer`` as the prediction layer: track the user's corrections in it."""
+        if self.prediction_layer is layer:
+            return
+        self.prediction_layer = layer
+        layer.events.paint.connect(lambda event: self.record_paint(event.value))
+        self.reference = np.array(layer.data, copy=True)
+        self.corrected = {0: set(), 1: set(), 2: set()}
+
+    def attach_project(self, path: Any) -> Any:
+        """Save into (and resume from) the project at ``path``; adopts its prediction layer."""
+        from .project import Project
+
+        project = Project.open(path, check_image=False)
+        self.project = project
+        for layer in self.viewer.layers:
+            meta = layer.metadata.get(METADATA_KEY) or {}
+            if meta.get("role") == "prediction" and meta.get("project") == str(project.path.resolve()):
+                self.adopt_prediction(layer)
+        if self.labels_layer is not None:
+            meta = dict(self.labels_layer.metadata.get(METADATA_KEY) or {})
+            meta["project"] = str(project.path.resolve())
+            self.labels_layer.metadata[METADATA_KEY] = meta
+        self.changed()
+        return project
 
     # -- where the user looks -----------------------------------------------------------
     def data_point(self) -> np.ndarray | None:

@@ -24,7 +24,7 @@ from qtpy.QtCore import QPointF, Qt, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QFileDialog, QGroupBox, QProgressBar, QVBoxLayout, QWidget
 
-from ._state import state_for
+from ._state import METADATA_KEY, state_for
 from .config import PRESETS, Config
 from .session import AXIS_NAMES, accept_slices, label_counts, next_even_slice, uncertain_slices, uncertainty
 
@@ -62,6 +62,13 @@ class AnnotationWidget(QWidget):
         self.slice_info = Label(value="")
         self.register_info = Label(value="")
         self.count_info = Label(value="")
+        self.project_info = Label(value="project: none (Save as project… to autosave)")
+        self.save_project_button = PushButton(text="Save as project…")
+        self.autosave_delay_ms = 1500
+        self._autosave = QTimer(self)
+        self._autosave.setSingleShot(True)
+        self._autosave.timeout.connect(self.save_project)
+        self._watched: Any = None
         axes = Container(widgets=self.axis_buttons, layout="horizontal", labels=False)
         self.form = Container(
             widgets=[
@@ -75,6 +82,8 @@ class AnnotationWidget(QWidget):
                 self.slice_info,
                 self.register_info,
                 self.count_info,
+                self.project_info,
+                self.save_project_button,
             ]
         )
         layout = QVBoxLayout(self)
@@ -88,6 +97,7 @@ class AnnotationWidget(QWidget):
         self.next_button.clicked.connect(self.next_slice)
         self.uncertain_button.clicked.connect(self.uncertain_slice)
         self.mark_button.clicked.connect(self.toggle_mark)
+        self.save_project_button.clicked.connect(lambda: self.create_project(None))
         self.viewer.dims.events.current_step.connect(self._refresh_info)
         self.viewer.dims.events.order.connect(self._refresh_info)
         self.viewer.dims.events.ndisplay.connect(self._refresh_info)
@@ -121,12 +131,14 @@ class AnnotationWidget(QWidget):
         image = self.image.value
         if image is None:
             return None
+        candidates = []
         for layer in _layer_choices(self.viewer, Labels):
-            if layer is self.state.prediction_layer or layer.name.endswith(" prediction"):
+            meta = layer.metadata.get(METADATA_KEY) or {}
+            if layer is self.state.prediction_layer or layer.name.endswith(" prediction") or meta.get("role") == "prediction":
                 continue
             if tuple(layer.data.shape[-3:]) == tuple(image.data.shape[-3:]):
-                return layer
-        return None
+                candidates.append((0 if meta.get("project") else 1, len(candidates), layer))
+        return min(candidates)[2] if candidates else None
 
     def _image_chosen(self, layer: Any) -> None:
         self.state.image_layer = layer
@@ -135,8 +147,72 @@ class AnnotationWidget(QWidget):
         self.state.changed()
 
     def _labels_chosen(self, layer: Any) -> None:
+        if self._watched is not None:
+            for event in (self._watched.events.paint, self._watched.events.data):
+                event.disconnect(self._schedule_save)
         self.state.labels_layer = layer
+        self._watched = layer
+        if layer is not None:
+            layer.events.paint.connect(self._schedule_save)
+            layer.events.data.connect(self._schedule_save)
+            self.state.register().on_change(self._schedule_save)  # type: ignore[union-attr]
+            path = (layer.metadata.get(METADATA_KEY) or {}).get("project")
+            if path and (self.state.project is None or str(self.state.project.path.resolve()) != path):
+                try:
+                    self.state.attach_project(path)
+                except (OSError, ValueError) as exc:
+                    show_error(f"Could not open the project {path}: {exc}")
         self.state.changed()
+
+    # -- projects ---------------------------------------------------------------------------
+    def _schedule_save(self, *_: Any) -> None:
+        if self.state.project is not None:
+            self._autosave.start(self.autosave_delay_ms)  # restarts: saves once edits pause
+
+    def save_project(self) -> bool:
+        """Write the annotations and the register into the project now (autosave calls this)."""
+        self._autosave.stop()
+        state = self.state
+        if state.project is None or state.labels_layer is None:
+            return False
+        try:
+            state.project.save_annotations(np.asarray(state.labels_layer.data), state.register().as_dict())
+        except (OSError, ValueError) as exc:
+            show_error(f"Annotations NOT saved to {state.project.path}: {exc}")
+            return False
+        self.project_info.value = f"project: {state.project.path.name} · saved {time.strftime('%H:%M:%S')}"
+        return True
+
+    def create_project(self, path: str | None) -> Any:
+        """Make a project of the image, annotations, prediction and model, and autosave into it."""
+        from .project import Project
+
+        state = self.state
+        if state.image_layer is None or state.labels_layer is None:
+            show_warning("Choose an image and an annotation layer first.")
+            return None
+        if path is None:
+            path = QFileDialog.getExistingDirectory(self, "New project folder (an empty or new *.zarr folder)")
+            if not path:
+                return None
+        try:
+            project = Project.create(
+                path,
+                np.asarray(state.image_layer.data),
+                labels=np.asarray(state.labels_layer.data),
+                annotated_slices=state.register().as_dict(),  # type: ignore[union-attr]
+                spacing=state.spacing(),
+            )
+            if state.model is not None:
+                project.save_checkpoint(state.model)
+            if state.prediction_layer is not None:
+                project.save_prediction(np.asarray(state.prediction_layer.data))
+        except (OSError, ValueError, TypeError) as exc:
+            show_error(f"Could not create the project {path}: {exc}")
+            return None
+        state.attach_project(project.path)
+        self.project_info.value = f"project: {project.path.name} · saved {time.strftime('%H:%M:%S')}"
+        return state.project
 
     def create_labels_layer(self) -> Any:
         """A new annotation layer with the image's shape, scale and translation."""
@@ -212,6 +288,8 @@ class AnnotationWidget(QWidget):
             self.mark_button.text = ("Unmark slice (Alt-M)" if marked else "Mark slice annotated (Alt-M)")
         else:
             self.slice_info.value = "3D view: switch to 2D to annotate slices"
+        if self.state.project is not None and not self.project_info.value.startswith("project: " + self.state.project.path.name):
+            self.project_info.value = f"project: {self.state.project.path.name}"
         self.register_info.value = "annotated slices  " + register.describe()
         counts = label_counts(np.asarray(self.state.labels_layer.data), register)
         names = {0: "background"}
@@ -335,6 +413,7 @@ class TrainingWidget(QWidget):
         self._started = 0.0
         self._budget: float | None = None
         self.preview_every = 3.0  # seconds between previews of the viewed slice during training
+        self.checkpoint_every = 30.0  # seconds between checkpoints written into a project
 
         # settings: the main ones, then the engine's configuration fields, folded away
         self.preset = ComboBox(label="preset", choices=tuple(PRESETS), value="default")
@@ -477,8 +556,13 @@ class TrainingWidget(QWidget):
         key = (id(state.image_layer), id(state.labels_layer))
         trainer = state.trainer if (warm and state.trainer is not None and state.trainer_key == key) else None
         init = state.model if (warm and trainer is None) else None
+        if warm and trainer is None and init is None and state.project is not None:
+            init = state.project.checkpoint("latest")  # resume the project's training
+        if init is not None and state.project is not None and init == state.project.checkpoint("latest"):
+            config = None  # the checkpoint's own configuration
         device = self.device.value
         spacing = state.spacing()
+        project = state.project
         self.stop_event, self.cancel_event = threading.Event(), threading.Event()
         self._budget = max_seconds
         if not warm:
@@ -489,9 +573,13 @@ class TrainingWidget(QWidget):
             from .jobs import training_job
             from .training import Trainer
 
-            nonlocal trainer
+            from .checkpoint import as_model
+            from .project import CheckpointSaver
+
+            nonlocal trainer, init
             if trainer is None:
                 volume = as_volume(image)
+                init = None if init is None else as_model(init, name="init")
                 class_values = init.sparse3d.class_values if init is not None else None
                 annotations = prepare_annotations(labels, volume.spatial_shape, slices, class_values=class_values)
                 trainer = Trainer(volume, annotations, spacing=spacing, config=config, device=device, init=init)
@@ -507,6 +595,7 @@ class TrainingWidget(QWidget):
                 view=lambda: self._view,
                 focus=lambda: self._focus,
                 preview_every=self.preview_every,
+                saver=None if project is None else CheckpointSaver(project, self.checkpoint_every),
             )
 
         self._launch(job, key)
@@ -586,6 +675,7 @@ class TrainingWidget(QWidget):
                 self._restore_backup()
             elif item.name == "done":
                 self.state.reset_corrections()
+                self._save_prediction()
             self._update_buttons()
         elif isinstance(item, tuple) and item[0] == "trainer":
             trainer = item[1]
@@ -613,9 +703,8 @@ class TrainingWidget(QWidget):
                 translate=tuple(image.translate[-3:]),
                 opacity=0.5,
             )
-            layer.events.paint.connect(lambda event: state.record_paint(event.value))
-            state.prediction_layer = layer
-            state.reference = np.array(layer.data, copy=True)
+            layer.metadata[METADATA_KEY] = {"role": "prediction"}
+            state.adopt_prediction(layer)
             # keep the user's annotation layer selected for painting
             if state.labels_layer is not None:
                 self.viewer.layers.selection.active = state.labels_layer
@@ -661,6 +750,17 @@ class TrainingWidget(QWidget):
                 state.uncertainty_layer.data = state.uncertainty
                 state.uncertainty_layer.refresh()
         self._dirty.clear()
+
+    def _save_prediction(self) -> None:
+        state = self.state
+        if state.project is None or state.prediction_layer is None or getattr(self, "_target_layer", None) is not None:
+            return
+        self._refresh_timer.stop()
+        self._refresh_layers()
+        try:
+            state.project.save_prediction(np.asarray(state.prediction_layer.data))
+        except (OSError, ValueError) as exc:
+            show_error(f"Prediction NOT saved to {state.project.path}: {exc}")
 
     def _restore_backup(self) -> None:
         layer = self.state.prediction_layer

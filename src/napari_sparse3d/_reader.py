@@ -1,0 +1,54 @@
+"""napari reader: a project directory opens as its image, annotations and prediction.
+
+The annotation layer carries the project's path and its fully annotated slices
+in ``metadata["napari_sparse3d"]``; the plugin's docks pick both up, save
+edits back into the project and continue from its latest checkpoint.  No torch
+is imported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from ._state import METADATA_KEY
+from .project import Project, is_project
+
+__all__ = ["napari_get_reader", "read_project"]
+
+
+def napari_get_reader(path: Any) -> Callable[[Any], list] | None:
+    if isinstance(path, list):
+        path = path[0] if len(path) == 1 else None
+    if path is None or not is_project(path):
+        return None
+    return read_project
+
+
+def read_project(path: Any) -> list[tuple[Any, dict, str]]:
+    if isinstance(path, list):
+        path = path[0]
+    project = Project.open(path)
+    name = Path(path).name.removesuffix(".zarr")
+    scale = project.spacing or (1.0, 1.0, 1.0)
+    labels, slices = project.annotations()
+    meta = {"project": str(Path(path).resolve()), "annotated_slices": {str(a): v for a, v in slices.items()}}
+    layers: list[tuple[Any, dict, str]] = [
+        (project.image(), {"name": name, "scale": scale}, "image"),
+        (labels, {"name": f"{name} annotations", "scale": scale, "metadata": {METADATA_KEY: meta}}, "labels"),
+    ]
+    prediction = project.prediction()
+    if prediction is not None:
+        layers.append(
+            (
+                prediction,
+                {
+                    "name": "prediction",
+                    "scale": scale,
+                    "opacity": 0.5,
+                    "metadata": {METADATA_KEY: {"role": "prediction", "project": meta["project"]}},
+                },
+                "labels",
+            )
+        )
+    return layers
