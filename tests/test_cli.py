@@ -86,3 +86,33 @@ def test_help_explains_every_option():
                 assert action.help, f"{command} {action.dest} has no help"
     out = subprocess.run([sys.executable, "-m", "napari_sparse3d.cli", "run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--sample" in out.stdout and "--seconds" in out.stdout
+
+
+def test_project_commands_make_train_resume_and_describe(files, capsys):
+    d = files
+    project = d / "cells.zarr"
+    assert main(["project", str(project), str(d / "image.tif"), str(d / "labels.tif"), "--slices", "z=8",
+                 "--slices", "y=12", "--spacing", "2", "1", "1"]) == 0
+    assert main(["train", str(project), "--iterations", "2", "--config", str(d / "config.json"), "--device", "cpu",
+                 "--quiet"]) == 0
+    # no --config: the project's own configuration, and training continues from its checkpoint
+    assert main(["train", str(project), "--iterations", "1", "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["project", str(project)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["iterations"] == 3 and info["spacing"] == [2.0, 1.0, 1.0]
+    assert info["annotated_slices"] == {"0": [8], "1": [12]} and info["prediction"] is True
+    assert main(["run", str(project), "--iterations", "1", "--device", "cpu", "--output-dir", str(d / "prun"),
+                 "--quiet"]) == 0
+    assert (d / "prun" / "views.png").is_file()
+    # a referenced image that changed is refused with a clear message
+    ref = d / "ref.zarr"
+    assert main(["project", str(ref), str(d / "image.tif"), "--reference"]) == 0
+    tifffile.imwrite(d / "image.tif", np.zeros((20, 36, 28), np.float32))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["project", str(ref)])
+    assert exit_info.value.code == 2
+    assert "changed since the project was saved" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(d / "image.tif"), "--iterations", "1"])
+    assert "train needs IMAGE LABELS --output MODEL.pt, or a project folder" in capsys.readouterr().err

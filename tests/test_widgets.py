@@ -334,3 +334,35 @@ def test_cancelled_prediction_restores_the_previous_one(make_napari_viewer):
     assert (layer.data[:4, :4, :4] == 2).all()
     train._on_yield(Phase("cancelled"))
     np.testing.assert_array_equal(layer.data, previous)
+
+
+def test_bad_layers_get_notifications_not_tracebacks(make_napari_viewer, monkeypatch):
+    from napari_sparse3d import _widgets
+
+    errors = []
+    monkeypatch.setattr(_widgets, "show_error", errors.append)
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
+    viewer.add_image(np.zeros((20, 30), np.float32), name="flat")  # 2D: never offered
+    assert all(layer is None or layer.name != "flat" for layer in annotate.image.choices)
+    # training without an annotation layer
+    assert train.start(warm=False) is False
+    assert "choose an image layer and its annotation layer" in errors[-1]
+    # a multichannel (4D) layer
+    four_d = viewer.add_image(np.zeros((2, 24, 48, 48), np.float32), name="two channels")
+    annotate.image.value = four_d
+    annotate.create_labels_layer()
+    assert train.start(warm=False) is False
+    assert "expected a 3D grey image" in errors[-1]
+    # annotations that cannot be trained on: nothing annotated, then a single class
+    annotate.image.value = viewer.layers["cells"]
+    layer = annotate.create_labels_layer()
+    assert train.start(warm=False) is False
+    assert "labels hold no annotations" in errors[-1]
+    layer.data[3, :5, :5] = 1
+    assert train.start(warm=False) is False
+    assert "only one class" in errors[-1]
+    assert not train.running
+    # a checkpoint that is not one
+    bad = Path(viewer.layers["cells"].name + ".pt")
+    assert train.load_model(str(Path("/nonexistent") / bad)) is None
+    assert "Could not load a model" in errors[-1]

@@ -560,6 +560,14 @@ class TrainingWidget(QWidget):
             init = state.project.checkpoint("latest")  # resume the project's training
         if init is not None and state.project is not None and init == state.project.checkpoint("latest"):
             config = None  # the checkpoint's own configuration
+        if trainer is None and init is None:
+            from .data import prepare_annotations
+
+            try:  # say what is wrong with the annotations now, not from the worker a moment later
+                prepare_annotations(labels, labels.shape, slices or None)
+            except (TypeError, ValueError) as exc:
+                show_error(f"Cannot train: {exc}")
+                return False
         device = self.device.value
         spacing = state.spacing()
         project = state.project
@@ -569,12 +577,11 @@ class TrainingWidget(QWidget):
             self.plot.clear()
 
         def job():
+            from .checkpoint import as_model
             from .data import as_volume, prepare_annotations
             from .jobs import training_job
-            from .training import Trainer
-
-            from .checkpoint import as_model
             from .project import CheckpointSaver
+            from .training import Trainer
 
             nonlocal trainer, init
             if trainer is None:
@@ -609,6 +616,7 @@ class TrainingWidget(QWidget):
         self.last_error = None
         self.phase = "starting"
         self._started = time.perf_counter()
+
         def guarded():
             # errors travel as items: superqt drops the error and finished signals of a worker
             # whose work raised RuntimeError (it takes it for a deleted Qt object), and torch
