@@ -14,6 +14,7 @@ pytestmark = pytest.mark.gui
 
 from napari_sparse3d.metrics import mean_foreground_dice  # noqa: E402
 from napari_sparse3d.sample_data import make_cells  # noqa: E402
+from napari_sparse3d.session import uncertain_slices  # noqa: E402
 
 PLUGIN = "napari-sparse3d"
 MANIFEST = Path(__file__).parents[1] / "src" / "napari_sparse3d" / "napari.yaml"
@@ -140,8 +141,11 @@ def test_annotate_train_correct_retrain(make_napari_viewer, qtbot):
     second = mean_foreground_dice(state.prediction_layer.data, truth, mask=~final_mask)
     print(f"Dice outside the annotated slices: first round {first:.3f}, after the correction round {second:.3f}")
     assert second > first + 0.02, (first, second)
-    assert state.uncertainty is None  # not asked for
-    assert annotate.uncertain_slice() is not None
+    # the uncertainty is kept for the suggestions even though its layer was not asked for
+    assert state.uncertainty is not None and state.uncertainty_layer is None
+    axis, index = annotate.uncertain_slice()
+    expected = uncertain_slices(state.uncertainty, axis, state.register().indices(axis), count=1)
+    assert state.current_slice() == (axis, index) and [index] == expected
 
 
 def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot):

@@ -721,18 +721,20 @@ class TrainingWidget(QWidget):
     def _paint(self, blocks: list[Any]) -> None:
         layer = self._prediction_layer()
         data = layer.data
-        show_uncertainty = self.uncertainty_box.value and getattr(self, "_target_layer", None) is None
-        if show_uncertainty and (self.state.uncertainty is None or self.state.uncertainty.shape != data.shape):
+        own = getattr(self, "_target_layer", None) is None  # not "apply to another layer"
+        show_uncertainty = self.uncertainty_box.value and own
+        # kept even when not shown: "Most uncertain slice" reads it
+        if own and (self.state.uncertainty is None or self.state.uncertainty.shape != data.shape):
             self.state.uncertainty = np.zeros(data.shape, np.float32)
         for block in blocks:
             values = block.labels
             if values.max(initial=0) > np.iinfo(data.dtype).max:
                 layer.data = data = data.astype(np.uint16)
             data[block.region] = values
-            if self.state.uncertainty is not None and getattr(self, "_target_layer", None) is None:
-                self.state.uncertainty[block.region] = uncertainty(block.probabilities)
+            if own:
+                self.state.uncertainty[block.region] = uncertainty(block.probabilities)  # type: ignore[index]
         self._dirty.add("prediction")
-        if self.state.uncertainty is not None and show_uncertainty:
+        if show_uncertainty:
             self._dirty.add("uncertainty")
         if not self._refresh_timer.isActive():
             self._refresh_timer.start()
