@@ -205,7 +205,7 @@ def test_stop_is_quick_and_keeps_the_model(make_napari_viewer, qtbot):
 
 
 def test_failure_is_notified_and_loses_nothing(make_napari_viewer, qtbot, monkeypatch):
-    from napari_sparse3d import _widgets
+    from napari_sparse3d import _annotation_widget, _training_widget
     from napari_sparse3d.training import Trainer
 
     viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
@@ -216,7 +216,8 @@ def test_failure_is_notified_and_loses_nothing(make_napari_viewer, qtbot, monkey
     labels_before = state.labels_layer.data.copy()
     register_before = state.register().as_dict()
     errors = []
-    monkeypatch.setattr(_widgets, "show_error", errors.append)
+    monkeypatch.setattr(_training_widget, "show_error", errors.append)
+    monkeypatch.setattr(_annotation_widget, "show_error", errors.append)
     real_step = Trainer._step
     calls = []
 
@@ -341,10 +342,11 @@ def test_cancelled_prediction_restores_the_previous_one(make_napari_viewer):
 
 
 def test_bad_layers_get_notifications_not_tracebacks(make_napari_viewer, monkeypatch):
-    from napari_sparse3d import _widgets
+    from napari_sparse3d import _annotation_widget, _training_widget
 
     errors = []
-    monkeypatch.setattr(_widgets, "show_error", errors.append)
+    monkeypatch.setattr(_training_widget, "show_error", errors.append)
+    monkeypatch.setattr(_annotation_widget, "show_error", errors.append)
     viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
     viewer.add_image(np.zeros((20, 30), np.float32), name="flat")  # 2D: never offered
     assert all(layer is None or layer.name != "flat" for layer in annotate.image.choices)

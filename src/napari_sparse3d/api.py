@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .config import Config
-from .data import as_volume, check_budget, check_finite, check_spacing, prepare_annotations
+from .data import _chunks, as_volume, check_budget, check_finite, check_spacing, prepare_annotations
 
 __all__ = ["RunResult", "run", "predict", "resolve_config"]
 
@@ -240,7 +240,7 @@ def _prepare_out(out: Any, shape: tuple[int, ...], class_values: list[int]) -> A
 
         dtype = np.min_scalar_type(max(max(class_values), 1))
         return zarr.create_array(
-            str(out), shape=shape, dtype=dtype, chunks=tuple(min(s, 64) for s in shape), overwrite=True
+            str(out), shape=shape, dtype=dtype, chunks=_chunks(shape), overwrite=True
         )
     if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
         raise TypeError(f"out must be a writable array (zarr or numpy) or a path, got {type(out).__name__}")

@@ -33,6 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .data import _chunks
+
 __all__ = ["Project", "ProjectWriteError", "CheckpointSaver", "is_project", "image_hash", "PROJECT_FORMAT_VERSION"]
 
 PROJECT_FORMAT = "napari-sparse3d-project"
@@ -89,10 +91,6 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _chunks(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(min(int(s), 64) for s in shape)
 
 
 class Project:

@@ -67,9 +67,17 @@ class SliceRegister:
             callback()
 
     def mark(self, axis: int, index: int) -> None:
-        self._check(axis, index)
-        if index not in self._slices[axis]:
-            self._slices[axis].add(int(index))
+        self.mark_many([(axis, index)])
+
+    def mark_many(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Mark several ``(axis, index)`` slices with one change notification."""
+        pairs = [(int(a), int(i)) for a, i in pairs]
+        for axis, index in pairs:
+            self._check(axis, index)
+        new = [(a, i) for a, i in pairs if i not in self._slices[a]]
+        for axis, index in new:
+            self._slices[axis].add(index)
+        if new:
             self._changed()
 
     def unmark(self, axis: int, index: int) -> None:
@@ -207,8 +215,5 @@ def accept_slices(
             key = plane(int(axis), index)
             labels[key] = prediction[key]
             accepted.append((int(axis), index))
-    for axis, index in accepted:
-        register._slices[axis].add(index)
-    if accepted:
-        register._changed()
+    register.mark_many(accepted)
     return accepted

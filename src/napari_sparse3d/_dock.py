@@ -1,0 +1,51 @@
+"""What both dock widgets share: the viewer they belong to, its shared state, layer helpers.
+
+Nothing in the dock modules imports torch at module level: the manifest's
+commands import them, and torch loads when training or a model is first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from magicgui.widgets import ComboBox
+from qtpy.QtWidgets import QWidget
+
+from ._state import state_for
+
+__all__ = ["DockWidget", "layer_combo", "layer_choices", "add_layer_like"]
+
+
+def layer_choices(viewer: Any, kind: type) -> list[Any]:
+    """The layers of ``kind`` with at least three dimensions."""
+    return [layer for layer in viewer.layers if isinstance(layer, kind) and layer.ndim >= 3]
+
+
+def layer_combo(viewer: Any, kind: type, label: str) -> ComboBox:
+    return ComboBox(label=label, choices=lambda _w: [(l.name, l) for l in layer_choices(viewer, kind)], nullable=True)
+
+
+def add_layer_like(viewer: Any, like: Any, data: Any, kind: str = "labels", **kwargs: Any) -> Any:
+    """Add a layer with ``like``'s scale and translation (the last three axes)."""
+    add = viewer.add_labels if kind == "labels" else viewer.add_image
+    return add(data, scale=tuple(like.scale[-3:]), translate=tuple(like.translate[-3:]), **kwargs)
+
+
+class DockWidget(QWidget):
+    """Base of the plugin's docks: the real viewer, its shared state, key bindings, layer-list updates."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        # napari hands plugins a proxy of the viewer; both docks must share the real one
+        napari_viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self.reset_choices)
+
+    def reset_choices(self, *_: Any) -> None:
+        """Refresh the layer menus (called when layers are added or removed)."""
+
+    def bind_keys(self, bindings: Sequence[tuple[str, Callable[[], Any]]]) -> None:
+        for key, action in bindings:
+            self.viewer.bind_key(key, lambda _v, f=action: f(), overwrite=True)
