@@ -41,7 +41,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    """True where oneDNN has native bfloat16 kernels (otherwise bf16 is emulated and slow)."""
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX).
+
+    oneDNN also *accepts* bfloat16 on plain AVX-512 CPUs, but emulates it
+    there: on a 2-core Cascade Lake a training step took 0.51 s in bf16
+    against 0.31 s in float32 (channels-last-3d both), so only native support
+    counts.  Without torch's CPU feature queries, oneDNN's own answer is used.
+    """
+    cpu = getattr(torch, "cpu", None)
+    queries = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(q) for q in queries):
+        try:
+            return any(bool(q()) for q in queries)  # type: ignore[misc]
+        except RuntimeError:
+            pass
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

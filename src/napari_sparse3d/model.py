@@ -47,6 +47,27 @@ def plan_levels(levels: int, spacing: Sequence[float] | None) -> tuple[list[Trip
     return kernels, strides
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that leaves CPU bfloat16 autocast where oneDNN's kernels are wrong.
+
+    On the CPU, oneDNN's bfloat16 weight-gradient kernel for 3D convolutions
+    returns garbage (different on every call, sometimes inf or NaN) when the
+    input is smaller than the kernel along an axis — e.g. a bottleneck two
+    voxels deep under a 3x3x3 kernel, which a 16-voxel-deep patch reaches
+    after three poolings (``benchmarks/bench_robustness.py``; the float32 and
+    the input-gradient kernels are exact).  Such a layer holds a few hundred
+    voxels, so computing it in float32 costs nothing measurable.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and any(
+            s < k for s, k in zip(x.shape[2:], self.kernel_size)
+        ):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm3d(channels, affine=True, eps=1e-5)
@@ -66,10 +87,10 @@ class ConvBlock(nn.Sequential):
         pad = tuple(k // 2 for k in kernel)
         bias = norm == "none"
         super().__init__(
-            nn.Conv3d(cin, cout, kernel, stride=first_stride, padding=pad, bias=bias),
+            Conv3d(cin, cout, kernel, stride=first_stride, padding=pad, bias=bias),
             _norm(norm, cout),
             _act(act),
-            nn.Conv3d(cout, cout, kernel, padding=pad, bias=bias),
+            Conv3d(cout, cout, kernel, padding=pad, bias=bias),
             _norm(norm, cout),
             _act(act),
         )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .augment import Augmenter
-from .checkpoint import ModelInfo, as_model, save_checkpoint
+from .checkpoint import HISTORY_LIMIT, ModelInfo, as_model, save_checkpoint, thin_history
 from .config import Config, default_preset
 from .data import Annotations, Volume, check_budget, prepare_annotations
 from .devices import autocast, resolve_device, resolve_precision
@@ -46,6 +46,8 @@ class TrainReport:
     elapsed: float  # seconds since this round started
     step_seconds: float
     progress: float  # fraction of this round's budget used, 0..1 (0 without a budget)
+    # steps of this round skipped for a non-finite loss or gradient (weights and optimiser untouched)
+    skipped: int = 0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -168,6 +170,11 @@ class Trainer:
                 raise ValueError(
                     f"config.train.patch_size {self.patch_size} must be a multiple of the network's stride {model.divisor}"
                 )
+        # the planned architecture (kernels and strides from the spacing) travels in the configuration, so a
+        # checkpoint rebuilds this very network whatever spacing a later warm start trains with
+        self.config = self.config.replace(
+            model={"kernel_sizes": [list(k) for k in model.kernel_sizes], "strides": [list(s) for s in model.strides]}
+        )
         self.precision = resolve_precision(self.device, self.config.train.precision)
         self.model: UNet3D = model.to(self.device)
         if self.config.train.channels_last:
@@ -176,7 +183,13 @@ class Trainer:
         self.iteration = int(self.history[-1]["iteration"]) if self.history else 0
         tc = self.config.train
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        if init is not None and info.optimizer_state is not None:
+            self._restore_optimizer(info.optimizer_state)
+        self.model.sparse3d.optimizer_state = self.optimizer.state_dict()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == torch.float16)
+        self._lr_scale = 1.0
+        self._round_precision = self.precision
+        self.skipped_steps = 0  # over all rounds
         foreground = [k for k, v in enumerate(self.class_values) if v != 0]
         factors = []
         for i in range(1, len(self.model.strides) + 1):
@@ -212,7 +225,28 @@ class Trainer:
             spacing=self.spacing,  # type: ignore[arg-type]
             in_channels=self.volume.channels,
             history=self.history,
+            optimizer_state=None,
         )
+
+    def _restore_optimizer(self, state: Any) -> None:
+        """Continue AdamW's moments from a checkpoint; a state that does not fit the network is refused."""
+        params = list(self.model.parameters())
+        try:
+            saved = state["state"]
+            for index, entry in saved.items():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if tuple(entry[key].shape) != tuple(params[int(index)].shape):
+                        raise ValueError(f"state {index}.{key} has shape {tuple(entry[key].shape)}")
+            self.optimizer.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            self.optimizer = torch.optim.AdamW(
+                params, lr=self.config.train.learning_rate, weight_decay=self.config.train.weight_decay
+            )
+            warnings.warn(
+                f"init: the checkpoint's optimiser state does not fit this network ({exc}); AdamW starts afresh",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def update_annotations(self, labels: Any, annotated_slices: Mapping[int, Sequence[int]] | None = None) -> None:
         """Replace the annotations (same classes) — the correction loop's entry point."""
@@ -261,7 +295,13 @@ class Trainer:
             lr *= (1.0 - min(progress, 0.999)) ** 0.9
         return lr
 
-    def _step(self, lr: float) -> float:
+    def _step(self, lr: float) -> float | None:
+        """One optimisation step; ``None`` when it was skipped (non-finite loss or gradient).
+
+        A skipped step leaves the weights and the optimiser's state (moments,
+        step count) exactly as they were: the gradients are checked before
+        ``optimizer.step`` and then dropped.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tc = self.config.train
@@ -275,21 +315,58 @@ class Trainer:
         t = torch.from_numpy(target).to(self.device, non_blocking=True)
         w = torch.from_numpy(weight).to(self.device, non_blocking=True)
         self.model.train()
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self._round_precision):
             outputs = self.model(x)
         loss = self.loss_fn(outputs, t, w)
         value = float(loss.detach())
-        if not math.isfinite(value):  # checked before the update: the model keeps the last good weights
-            raise FloatingPointError(
-                f"training diverged at iteration {self.iteration + 1} (loss {value}); lower config.train.learning_rate"
-            )
         self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(value):
+            return None
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        if not bool(torch.isfinite(norm)):
+            # clip_grad_norm_ has already multiplied the gradients by NaN: drop them unused
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # float16: a lower loss scale for the next step
+            return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return value
+
+    #: Consecutive skipped steps after which the learning rate is halved, after which
+    #: the rest of the round runs in float32, and after which training gives up.
+    BACKOFF_LR, BACKOFF_FP32, GIVE_UP = 3, 6, 10
+
+    def _back_off(self, consecutive: int) -> None:
+        """React to ``consecutive`` skipped steps in a row (see the class constants)."""
+        where = f"iteration {self.iteration + 1}"
+        if consecutive == self.BACKOFF_LR:
+            self._lr_scale *= 0.5
+            warnings.warn(
+                f"{consecutive} training steps in a row had a non-finite loss or gradient ({where});"
+                f" the learning rate is halved for the rest of this round",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif consecutive == self.BACKOFF_FP32 and self._round_precision != torch.float32:
+            self._round_precision = torch.float32
+            self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+            warnings.warn(
+                f"{consecutive} training steps in a row had a non-finite loss or gradient ({where}), also at a lower"
+                " learning rate; the rest of this round trains in float32",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif consecutive >= self.GIVE_UP:
+            raise FloatingPointError(
+                f"training stopped at {where}: {consecutive} steps in a row had a non-finite loss or gradient,"
+                f" also at half the learning rate and in float32, so none of them changed the weights (the model"
+                f" keeps those of its last good step). Look for extreme values in the image (the clip bounds are"
+                f" {self.normalization.lower}..{self.normalization.upper}) or lower config.train.learning_rate"
+                f" (now {self.config.train.learning_rate})"
+            )
 
     def steps(
         self, max_seconds: float | None = None, max_iterations: int | None = None
@@ -316,6 +393,12 @@ class Trainer:
         start = time.perf_counter()
         step_seconds = 0.0
         done = 0
+        skipped = consecutive = 0
+        # back-off state lasts one round: the next round starts at full speed again
+        self._lr_scale = 1.0
+        self._round_precision = self.precision
+        if self.precision == torch.float16 and not self.scaler.is_enabled():  # last round fell back to float32
+            self.scaler = torch.amp.GradScaler("cuda")
         while True:
             elapsed = time.perf_counter() - start
             progress = 0.0
@@ -331,22 +414,33 @@ class Trainer:
             lr = self._learning_rate(done, progress)
             t0 = time.perf_counter()
             try:
-                loss = self._step(lr)
+                loss = self._step(lr * self._lr_scale)
             except torch.OutOfMemoryError as exc:
                 self._out_of_memory(exc)
                 continue
             step_seconds = time.perf_counter() - t0
+            if loss is None:
+                skipped += 1
+                self.skipped_steps += 1
+                consecutive += 1
+                self._back_off(consecutive)
+                continue
+            consecutive = 0
             done += 1
             self.iteration += 1
             report = TrainReport(
                 iteration=self.iteration,
                 loss=loss,
-                learning_rate=lr,
+                learning_rate=lr * self._lr_scale,
                 elapsed=time.perf_counter() - start,
                 step_seconds=step_seconds,
                 progress=min(1.0, max(progress, done / max_iterations if max_iterations else 0.0)),
+                skipped=skipped,
             )
             self.history.append(report.to_dict())
+            if len(self.history) > 2 * HISTORY_LIMIT:  # bounded memory over any number of steps
+                self.history[:] = thin_history(self.history)
+            self.model.sparse3d.optimizer_state = self.optimizer.state_dict()
             sent = yield report
             if sent is not None:
                 if isinstance(sent, tuple):
