@@ -164,7 +164,8 @@ def run(
     spacing = check_spacing(spacing)
     from .devices import resolve_device
 
-    cfg = resolve_config(config, resolve_device(device).type)
+    # a warm start without a configuration keeps the checkpoint's own (not the device's preset)
+    cfg = None if config is None and init is not None else resolve_config(config, resolve_device(device).type)
     volume = as_volume(image, channel_axis)
     class_values = None
     if init is not None:  # a correction round may touch a single class: the model knows the others
@@ -225,7 +226,10 @@ def _predict_volume(
         dtype = np.min_scalar_type(max(max(info.class_values), 1))
         out = np.zeros(shape, dtype=dtype)
     probabilities = np.zeros((len(info.class_values),) + shape, np.float32) if keep_probabilities else None
-    for block in predict_blocks(volume, model, device=device, progress=progress):
+    chunks = getattr(out, "chunks", None)  # zarr: every output chunk is then written once, whole
+    if not (isinstance(chunks, tuple) and len(chunks) == 3 and all(isinstance(c, (int, np.integer)) for c in chunks)):
+        chunks = None
+    for block in predict_blocks(volume, model, device=device, progress=progress, chunks=chunks):
         out[block.region] = block.labels
         if probabilities is not None:
             probabilities[(slice(None),) + block.region] = block.probabilities

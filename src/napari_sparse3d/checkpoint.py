@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,10 +22,31 @@ from .config import Config
 from .model import UNet3D, build_model
 from .preprocess import Normalization
 
-__all__ = ["ModelInfo", "save_checkpoint", "load_checkpoint", "as_model", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["ModelInfo", "save_checkpoint", "load_checkpoint", "as_model", "thin_history", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "napari-sparse3d-checkpoint"
 FORMAT_VERSION = 1
+
+#: Entries of the per-step history kept in a checkpoint or manifest (and in a Trainer's memory).
+HISTORY_LIMIT = 1000
+#: The most recent steps are always kept one by one (the project's "best" model looks at the last 50).
+HISTORY_RECENT = 100
+
+
+def thin_history(history: list[dict[str, Any]], limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+    """At most ``limit`` entries: the last :data:`HISTORY_RECENT` steps whole, older ones evenly thinned.
+
+    A checkpoint of a model trained for 100,000 steps then holds a loss curve
+    of 1,000 points instead of 100,000, and the first and last entries (the
+    iteration count) are always kept.
+    """
+    history = list(history)
+    if len(history) <= limit:
+        return history
+    recent = min(HISTORY_RECENT, limit // 2)
+    old, new = history[:-recent], history[-recent:]
+    keep = np.unique(np.linspace(0, len(old) - 1, limit - recent).round().astype(int))
+    return [old[i] for i in keep] + new
 
 
 @dataclass
@@ -38,6 +60,9 @@ class ModelInfo:
     spacing: tuple[float, float, float] | None
     in_channels: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    # AdamW's state (moments, step counts), so that a warm start continues rather than restarts;
+    # stored beside the weights in a checkpoint, not in this dict
+    optimizer_state: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,7 +72,7 @@ class ModelInfo:
             "patch_size": [int(p) for p in self.patch_size],
             "spacing": None if self.spacing is None else [float(s) for s in self.spacing],
             "in_channels": int(self.in_channels),
-            "history": list(self.history),
+            "history": thin_history(self.history),
         }
 
     @classmethod
@@ -68,13 +93,19 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     info = _info(model, "model")
     from . import __version__
 
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"model: weights {bad[:3]} hold NaN or infinite values; refusing to save a broken model to {str(path)!r}")
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "info": info.to_dict(),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "state_dict": state,
     }
+    if info.optimizer_state is not None:
+        payload["optimizer"] = _cpu(info.optimizer_state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -106,9 +137,22 @@ def load_checkpoint(source: str | os.PathLike | dict, *, map_location: str | tor
     info = ModelInfo.from_dict(payload["info"])
     model = build_model(info.in_channels, len(info.class_values), info.config.model, info.spacing)
     model.load_state_dict(payload["state_dict"])
+    optimizer = payload.get("optimizer")
+    info.optimizer_state = optimizer if isinstance(optimizer, dict) else None
     model.sparse3d = info  # type: ignore[assignment]
     model.eval()
     return model
+
+
+def _cpu(value: Any) -> Any:
+    """A copy of a nested optimiser state with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
 
 
 def _info(model: Any, name: str) -> ModelInfo:

@@ -17,11 +17,13 @@ __all__ = ["ModelConfig", "TrainConfig", "PredictConfig", "Config", "PRESETS", "
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    name = f"config.{name}"
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    name = f"config.{name}"
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
@@ -31,6 +33,7 @@ def _check_positive(name: str, value: Any, *, integer: bool = False, allow_zero:
 
 
 def _triple(name: str, value: Any) -> tuple[int, int, int] | None:
+    name = f"config.{name}"
     if value is None:
         return None
     value = tuple(value)
@@ -74,11 +77,11 @@ class ModelConfig:
             object.__setattr__(self, name, value)
         if self.kernel_sizes is not None and len(self.kernel_sizes) != self.levels:
             raise ValueError(
-                f"model.kernel_sizes must have one entry per level ({self.levels}), got {len(self.kernel_sizes)}"
+                f"config.model.kernel_sizes must have one entry per level ({self.levels}), got {len(self.kernel_sizes)}"
             )
         if self.strides is not None and len(self.strides) != self.levels - 1:
             raise ValueError(
-                f"model.strides must have one entry per downsampling ({self.levels - 1}), got {len(self.strides)}"
+                f"config.model.strides must have one entry per downsampling ({self.levels - 1}), got {len(self.strides)}"
             )
 
 
@@ -122,27 +125,37 @@ class TrainConfig:
         _check_choice("train.class_balance", self.class_balance, ("none", "sqrt", "inverse"))
         _check_positive("train.foreground_fraction", self.foreground_fraction, allow_zero=True)
         if self.foreground_fraction > 1:
-            raise ValueError(f"train.foreground_fraction must be <= 1, got {self.foreground_fraction!r}")
+            raise ValueError(f"config.train.foreground_fraction must be <= 1, got {self.foreground_fraction!r}")
         _check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Sliding-window prediction."""
+    """Sliding-window prediction (``benchmarks/bench_prediction.py`` measured the defaults)."""
 
     overlap: float = 0.5
-    batch_size: int = 2
-    # average the 8 mirrorings of each window (nnU-Net does): 8x the compute of one pass; on the
-    # nuclei benchmark +0.010 to +0.018 mean Dice over three seeds (benchmarks/label_efficiency.py)
+    batch_size: int = 2  # windows per forward pass
+    # average the 8 mirrorings of each window (nnU-Net does): 8x the compute of one pass
     mirror_tta: bool = True
     gaussian_sigma: float = 0.125  # of the window size, as in nnU-Net
+    # "auto": the training patch grown to about window_voxels; "patch": the training patch; or (z, y, x)
+    window: Any = "auto"
+    window_voxels: int = 2**18
+    # largest output tile computed at once (memory: about 4 * (classes + 2) bytes a voxel)
+    tile_voxels: int = 2**23
 
     def __post_init__(self) -> None:
         _check_positive("predict.overlap", self.overlap, allow_zero=True)
         if self.overlap >= 1:
-            raise ValueError(f"predict.overlap must be in [0, 1), got {self.overlap!r}")
+            raise ValueError(f"config.predict.overlap must be in [0, 1), got {self.overlap!r}")
         _check_positive("predict.batch_size", self.batch_size, integer=True)
         _check_positive("predict.gaussian_sigma", self.gaussian_sigma)
+        if not (isinstance(self.window, str) and self.window in ("auto", "patch")):
+            if isinstance(self.window, str):
+                raise ValueError(f"config.predict.window must be 'auto', 'patch' or (z, y, x), got {self.window!r}")
+            object.__setattr__(self, "window", _triple("predict.window", self.window))
+        _check_positive("predict.window_voxels", self.window_voxels, integer=True)
+        _check_positive("predict.tile_voxels", self.tile_voxels, integer=True)
 
 
 @dataclass(frozen=True)

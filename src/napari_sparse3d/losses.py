@@ -46,8 +46,11 @@ def soft_dice_loss(
     """1 - soft Dice over the labeled voxels of the whole batch ("batch Dice").
 
     ``mask`` (N, ...) is 1 on labeled voxels; ``classes`` picks the channels
-    averaged (for example the foreground ones).  A class absent from both the
-    prediction and the labels within the mask scores a Dice of 1.
+    averaged (for example the foreground ones).  A class absent from the
+    labels within the mask scores a Dice of about 0 whatever the prediction
+    (``smooth / (sum of its probabilities + smooth)``): it adds an almost
+    constant 1 to that class's loss and almost no gradient.  Pooling the
+    whole batch makes a class absent from every patch rare.
     """
     probs = torch.softmax(logits.float(), dim=1)
     if target.dim() == logits.dim():

@@ -362,7 +362,7 @@ class Project:
     def save_checkpoint(self, model: Any, *, best: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
         """Save ``model`` as the latest checkpoint (and as the best one with ``best``); history follows it."""
         with self.lock:
-            from .checkpoint import save_checkpoint
+            from .checkpoint import save_checkpoint, thin_history
 
             info = model.sparse3d
             name = f"checkpoints/latest-{self._next('c')[2:]}.pt"
@@ -375,7 +375,7 @@ class Project:
                     new["checkpoint_best"] = best_name
             except OSError as exc:
                 raise self._failed(exc, "model", list(new.values())) from exc
-            changes = {"history": list(info.history), "config": info.config.to_json(), **(extra or {})}
+            changes = {"history": thin_history(info.history), "config": info.config.to_json(), **(extra or {})}
             self._guarded_commit(changes, new, "model")
             return self.path / name
 
