@@ -7,17 +7,25 @@ from napari_sparse3d.checkpoint import ModelInfo
 from napari_sparse3d.config import Config
 from napari_sparse3d.data import as_volume
 from napari_sparse3d.model import UNet3D
-from napari_sparse3d.prediction import gaussian_importance, predict_blocks, window_starts
+from napari_sparse3d.prediction import (
+    gaussian_importance,
+    plan_tiles,
+    plan_window,
+    predict_blocks,
+    resolve_window,
+    window_starts,
+)
 from napari_sparse3d.preprocess import Normalization
 import napari_sparse3d
 
 
-def _model(patch=(8, 16, 16), classes=(0, 1, 5), overlap=0.5, precision="fp32"):
+def _model(patch=(8, 16, 16), classes=(0, 1, 5), overlap=0.5, precision="fp32", **predict):
     cfg = Config.from_dict(
         {
             "model": {"levels": 3, "base_features": 4},
             "train": {"patch_size": list(patch), "precision": precision},
-            "predict": {"overlap": overlap, "batch_size": 3, "mirror_tta": False},  # the plain reference has none
+            # the plain reference has no mirroring
+            "predict": {"overlap": overlap, "batch_size": 3, "mirror_tta": False, **predict},
         }
     )
     torch.manual_seed(0)
@@ -29,18 +37,19 @@ def _model(patch=(8, 16, 16), classes=(0, 1, 5), overlap=0.5, precision="fp32"):
 def _reference(image, model):
     """Whole-volume sliding window, written plainly: one accumulator over the volume."""
     info = model.sparse3d
-    patch = info.patch_size
+    window = resolve_window(info, model, image.shape, info.config.predict)
     k = len(info.class_values)
     acc = np.zeros((k,) + image.shape, np.float64)
     wsum = np.zeros(image.shape, np.float64)
-    g = gaussian_importance(patch, info.config.predict.gaussian_sigma)
+    g = gaussian_importance(window, info.config.predict.gaussian_sigma)
     norm = info.normalization.apply(image[None].astype(np.float32).copy())
-    for z in window_starts(image.shape[0], patch[0], info.config.predict.overlap):
-        for y in window_starts(image.shape[1], patch[1], info.config.predict.overlap):
-            for x in window_starts(image.shape[2], patch[2], info.config.predict.overlap):
-                crop = norm[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]]
+    overlap = info.config.predict.overlap
+    for z in window_starts(image.shape[0], window[0], overlap):
+        for y in window_starts(image.shape[1], window[1], overlap):
+            for x in window_starts(image.shape[2], window[2], overlap):
+                crop = norm[:, z : z + window[0], y : y + window[1], x : x + window[2]]
                 shape = crop.shape[1:]
-                padded = np.pad(crop, [(0, 0)] + [(0, p - s) for p, s in zip(patch, shape)])
+                padded = np.pad(crop, [(0, 0)] + [(0, p - s) for p, s in zip(window, shape)])
                 with torch.inference_mode():
                     p = torch.softmax(model(torch.from_numpy(padded[None])), 1)[0].numpy()
                 sl = (slice(z, z + shape[0]), slice(y, y + shape[1]), slice(x, x + shape[2]))
@@ -51,24 +60,61 @@ def _reference(image, model):
     return probs, np.asarray(info.class_values)[probs.argmax(0)]
 
 
-@pytest.mark.parametrize("shape", [(13, 37, 29), (8, 16, 16), (5, 40, 9)])
-def test_streaming_equals_whole_volume_prediction(shape):
+@pytest.mark.parametrize(
+    "shape, predict",
+    [
+        ((13, 37, 29), {"window": "patch"}),
+        ((8, 16, 16), {"window": "patch"}),
+        ((5, 40, 9), {"window": "patch"}),
+        ((13, 37, 29), {"window": "auto", "window_voxels": 16 * 32 * 32}),  # larger than the patch
+        ((13, 37, 29), {"window": [8, 24, 16], "overlap": 0.3}),
+        # many small tiles: windows straddle tiles and are computed for each; the result must not change
+        ((13, 37, 29), {"window": "patch", "tile_voxels": 400}),
+        ((21, 50, 45), {"window": "auto", "window_voxels": 16 * 32 * 32, "tile_voxels": 5000}),
+    ],
+)
+def test_tiled_prediction_equals_whole_volume_prediction(shape, predict):
     image = np.random.default_rng(1).random(shape).astype(np.float32)
-    model = _model()
+    model = _model(**predict)
     probs_ref, labels_ref = _reference(image, model)
     probs = np.full((3,) + shape, np.nan, np.float32)
     labels = np.full(shape, 255, np.uint8)
     covered = np.zeros(shape, np.int32)
-    for block in predict_blocks(as_volume(image), model, device="cpu"):
+    blocks = list(predict_blocks(as_volume(image), model, device="cpu"))
+    for block in blocks:
         probs[(slice(None),) + block.region] = block.probabilities
         labels[block.region] = block.labels
         covered[block.region] += 1
     assert (covered == 1).all()  # blocks tile the volume exactly once
+    if predict.get("tile_voxels", 2**23) < np.prod(shape):
+        assert len(blocks) > 1
     np.testing.assert_allclose(probs, probs_ref, atol=1e-5)
     agree = labels == labels_ref
     # an argmax may flip only where two classes tie to within float rounding
     assert agree.mean() > 0.999
     assert set(np.unique(labels)) <= {0, 1, 5}
+
+
+def test_planned_window_grows_the_patch_within_the_volume():
+    # same proportions as the patch, a multiple of the stride, about the target size
+    assert plan_window((16, 48, 48), (8, 8, 8), (60, 256, 256), 32 * 96 * 96) == (32, 96, 96)
+    # a short axis caps the window; the others take its share
+    assert plan_window((16, 48, 48), (8, 8, 8), (10, 256, 256), 32 * 96 * 96) == (16, 136, 136)
+    # never smaller than the patch, never larger than the volume rounded up to the stride
+    assert plan_window((16, 48, 48), (8, 8, 8), (60, 256, 256), 10) == (16, 48, 48)
+    assert plan_window((16, 48, 48), (8, 8, 8), (12, 20, 20), 10**9) == (16, 24, 24)
+
+
+def test_tiles_are_whole_chunks_and_bounded():
+    tiles = plan_tiles((50, 300, 200), (16, 48, 48), 64 * 128 * 128, chunks=(16, 64, 64))
+    covered = np.zeros((50, 300, 200), np.int32)
+    for t in tiles:
+        covered[t] += 1
+        assert all(r.start % c == 0 for r, c in zip(t, (16, 64, 64)))
+        assert all(r.stop % c == 0 or r.stop == n for r, c, n in zip(t, (16, 64, 64), (50, 300, 200)))
+        assert np.prod([r.stop - r.start for r in t]) <= 64 * 128 * 128
+    assert (covered == 1).all()
+    assert plan_tiles((10, 20, 30), (8, 8, 8), 10**6) == [(slice(0, 10), slice(0, 20), slice(0, 30))]
 
 
 def test_window_order_does_not_change_the_result():
@@ -127,3 +173,51 @@ def test_window_starts_cover_the_axis():
         for s in starts:
             covered[s : s + window] = True
         assert covered.all()
+
+
+def test_each_output_chunk_is_written_once_whole(tmp_path):
+    from zarr.storage import LocalStore
+
+    writes = []
+
+    class CountingStore(LocalStore):
+        async def set(self, key, value, *args, **kwargs):
+            writes.append(key)
+            return await super().set(key, value, *args, **kwargs)
+
+    image = np.random.default_rng(6).random((21, 70, 50)).astype(np.float32)
+    model = _model(window="patch", tile_voxels=3000)  # many tiles: windows straddle them
+    store = CountingStore(str(tmp_path / "labels.zarr"))
+    out = zarr.create_array(store, shape=image.shape, dtype="uint8", chunks=(8, 16, 16), config={"write_empty_chunks": True})
+    writes.clear()  # the array's metadata
+    napari_sparse3d.predict(image, model, out=out, device="cpu")
+    chunk_keys = [k for k in writes if k.startswith("c/")]
+    expected = int(np.prod([-(-s // c) for s, c in zip(image.shape, (8, 16, 16))]))
+    assert len(chunk_keys) == expected and len(set(chunk_keys)) == expected  # every chunk once, none twice
+    np.testing.assert_array_equal(out[...], napari_sparse3d.predict(image, model, device="cpu"))
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_yx_extent(tmp_path):
+    """A wide volume (8 x 1024 x 1024) costs no more memory than a small one (8 x 256 x 256).
+
+    Sliding windows z-slab by z-slab would hold partial sums of a whole slab: for the wide
+    volume about 100 MB more (2 classes + weights, float32); tiles hold only their own.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "helpers" / "predict_wide.py"
+    growth = {}
+    for name, shape in (("small", (8, 256, 256)), ("wide", (8, 1024, 1024))):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(
+            [sys.executable, str(script), str(folder), *map(str, shape)], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr
+        growth[name] = float(done.stdout.split()[-1])
+        written = zarr.open_array(str(folder / "labels.zarr"), mode="r")
+        assert written.shape == shape and set(np.unique(written[:, ::64, ::64])) <= {0, 1}
+    assert growth["wide"] - growth["small"] < 40, growth

@@ -36,9 +36,7 @@ def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
         raise ValueError(f"{name}: file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        return tifffile.imread(p)
+        return _open_tiff(p, name)
     if suffix == ".npy":
         return np.load(p, mmap_mode="r", allow_pickle=False)
     if suffix == ".zarr" or (p.is_dir() and (p / "zarr.json").exists() or (p / ".zarray").exists()):
@@ -54,6 +52,93 @@ def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
             f"{name}: {str(p)!r} is a zarr group with arrays {arrays}; give the path of one array (group/array)"
         )
     raise ValueError(f"{name}: unsupported file type {suffix!r} of {str(p)!r}; expected one of {ARRAY_SUFFIXES}")
+
+
+def _open_tiff(path: Path, name: str) -> Any:
+    """A TIFF that is read where it is needed: memory-mapped, or page by page, or (else) whole.
+
+    Uncompressed contiguous data is memory-mapped; a compressed or tiled stack
+    of one 2D page per z-slice reads only the pages a region touches; any
+    other layout (a single 3D page, interleaved channels) is read whole.
+    """
+    import tifffile
+
+    try:
+        return tifffile.memmap(str(path), mode="r")
+    except Exception:  # compressed, tiled, not contiguous, or an unusual layout: tifffile says ValueError
+        pass
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            series = tif.series[0]
+            shape, dtype = tuple(int(s) for s in series.shape), np.dtype(series.dtype)
+            pages = len(series.pages)
+            page_shape = tuple(series.pages[0].shape) if pages else ()
+    except Exception as exc:
+        raise ValueError(f"{name}: {str(path)!r} is not a readable TIFF file ({exc})") from exc
+    if len(shape) == 3 and pages == shape[0] and page_shape == shape[1:]:
+        return TiffPages(path, shape, dtype)
+    return tifffile.imread(str(path))
+
+
+class TiffPages:
+    """A read-only (Z, Y, X) array over a TIFF's pages, one page per z-slice, read on demand.
+
+    Indexing reads only the pages of the requested z-range (``volume[a:b]``,
+    ``volume[a:b, y0:y1, x0:x1]``, steps and integers too), so memory follows
+    the region asked for, not the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype, self.ndim = str(path), tuple(shape), np.dtype(dtype), len(shape)
+        self._file: Any = None
+        import threading
+
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # picklable (for worker processes): the open file stays behind
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["shape"], state["dtype"])  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        import tifffile
+
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(i is Ellipsis for i in index):
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (3 - len(index) + 1) + index[at + 1 :]
+        if len(index) > 3 or not all(isinstance(i, (slice, int, np.integer)) for i in index):
+            raise IndexError(f"TiffPages takes up to three slices or integers, got {index!r}")
+        index = tuple(index) + (slice(None),) * (3 - len(index))
+        z, rest = index[0], index[1:]
+        squeeze = isinstance(z, (int, np.integer))
+        if squeeze:
+            z = int(z) + self.shape[0] if int(z) < 0 else int(z)
+            if not 0 <= z < self.shape[0]:
+                raise IndexError(f"index {index[0]} is out of range for axis 0 of size {self.shape[0]}")
+            planes = [z]
+        else:
+            planes = list(range(*z.indices(self.shape[0])))
+        with self._lock:
+            if self._file is None:
+                self._file = tifffile.TiffFile(self.path)
+            pages = self._file.series[0].pages
+            data = [np.asarray(pages[i].asarray())[rest] for i in planes]
+        if squeeze:
+            return data[0]
+        if not data:
+            probe = np.zeros(self.shape[1:], self.dtype)[rest]
+            return np.zeros((0,) + probe.shape, self.dtype)
+        return np.stack(data)
 
 
 def save_array(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -24,8 +24,9 @@ from .training import TrainReport, Trainer
 
 __all__ = ["Phase", "Preview", "training_job", "prediction_job", "PREVIEW_CONFIG"]
 
-#: Previews favour speed: no overlap between windows, no mirroring.
-PREVIEW_CONFIG = PredictConfig(overlap=0.0, batch_size=2, mirror_tta=False)
+#: Previews favour speed: windows of the training patch (the least context around the slice on
+#: screen), no overlap between them, no mirroring.
+PREVIEW_CONFIG = PredictConfig(overlap=0.0, batch_size=2, mirror_tta=False, window="patch")
 
 Region = tuple  # three slices
 

@@ -1,17 +1,30 @@
-"""Sliding-window prediction that streams finished blocks.
+"""Sliding-window prediction, tile by tile, in bounded memory.
 
-Windows of the training patch size lie on one grid over the whole volume,
-overlapping by ``overlap``; each window's softmax is weighted by a Gaussian
-(nnU-Net) so that window borders, where context is missing, count less.
-The volume is cut into *cells* — the boxes between consecutive window
-starts and ends.  A cell is finished as soon as every window covering it has been
-computed; it is then normalised and yielded as a :class:`Block`.  So:
+Windows lie on one grid over the whole volume, overlapping by at least
+``overlap``; each window's softmax is weighted by a Gaussian (nnU-Net) so
+that window borders, where context is missing, count less.  The prediction
+window is not the training patch: a fully convolutional network can take a
+larger one, which needs fewer, larger forward passes and less overlap
+(:func:`plan_window`; instance normalisation then takes its statistics over
+the larger window, which ``benchmarks/bench_prediction.py`` measures).
 
-- the result does not depend on the order of the windows (raster order, or
-  nearest-first around a point of interest such as the viewer's position);
-- only the cells under windows in flight are held in memory, and a caller can
-  write each block to a zarr array and drop it;
-- streaming gives the same answer as predicting the whole volume at once.
+The volume is cut into *tiles*: boxes whose faces lie on the output's chunk
+grid (so each output chunk is written once, whole) and whose size is bounded
+by ``tile_voxels`` (so memory depends on the tile and window size, never on
+the volume's extent).  A tile is computed from every window of the global
+grid that touches it: the input box under those windows is read and
+normalised once, the windows are cut from it as tensor views, and the
+Gaussian-weighted probabilities are summed into the tile in torch (on the
+GPU when the model is there).  The Gaussian is separable and the windows
+form a product grid, so the sum of weights under every voxel is an outer
+product of three 1D sums and needs no accumulator.  A window that straddles
+two tiles is computed for each of them; that costs a few per cent on large
+volumes and nothing on a volume that fits one tile.  So:
+
+- the result does not depend on the tiling nor on the order of the tiles
+  (raster order, or nearest-first around a point of interest such as the
+  viewer's position), and equals a plain whole-volume computation;
+- a caller can write each finished :class:`Block` to a zarr array and drop it.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -29,14 +42,26 @@ from .config import PredictConfig
 from .data import Volume, check_finite
 from .devices import autocast, resolve_device, resolve_precision
 
-__all__ = ["Block", "PredictReport", "window_starts", "gaussian_importance", "predict_blocks", "predict_region", "context_box"]
+__all__ = [
+    "Block",
+    "PredictReport",
+    "window_starts",
+    "gaussian_importance",
+    "plan_window",
+    "plan_tiles",
+    "predict_blocks",
+    "predict_region",
+    "context_box",
+]
+
+Box = tuple[slice, slice, slice]
 
 
 @dataclass
 class Block:
     """A finished region: ``region`` (three slices), ``probabilities`` (K, z, y, x), ``labels`` (z, y, x)."""
 
-    region: tuple[slice, slice, slice]
+    region: Box
     probabilities: np.ndarray
     labels: np.ndarray
 
@@ -61,56 +86,111 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, size - window, count)})
 
 
+def _gaussian_1d(width: int, sigma_fraction: float) -> np.ndarray:
+    x = np.arange(width, dtype=np.float64) - (width - 1) / 2
+    g = np.exp(-0.5 * (x / max(width * sigma_fraction, 1e-3)) ** 2)
+    return np.maximum(g / g.max(), 1e-4)
+
+
 def gaussian_importance(window: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
-    """A Gaussian over the window, 1 at its centre, never 0 (so every voxel has some weight)."""
-    axes = []
-    for w in window:
-        x = np.arange(w, dtype=np.float64) - (w - 1) / 2
-        axes.append(np.exp(-0.5 * (x / max(w * sigma_fraction, 1e-3)) ** 2))
-    g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    g /= g.max()
-    return np.maximum(g, 1e-4).astype(np.float32)
+    """A separable Gaussian over the window, 1 at its centre, never 0 (so every voxel has some weight)."""
+    gz, gy, gx = (_gaussian_1d(int(w), sigma_fraction) for w in window)
+    return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(-(-int(value) // int(multiple)) * int(multiple))
+
+
+def plan_window(
+    patch_size: Sequence[int], divisor: Sequence[int], shape: Sequence[int], target_voxels: int
+) -> tuple[int, int, int]:
+    """The prediction window: the training patch grown (same proportions) to about ``target_voxels``.
+
+    Each side stays a multiple of the network's stride ``divisor`` and is no
+    larger than the volume rounded up to it; a side the volume caps gives its
+    share to the others.  Never smaller than the training patch (where the
+    volume allows).
+    """
+    patch = np.asarray(patch_size, dtype=float)
+    limit = np.array([_round_up(s, d) for s, d in zip(shape, divisor)], dtype=float)
+    size = np.minimum(patch, limit)
+    free = size < limit
+    for _ in range(3):
+        if not free.any():
+            break
+        scale = (target_voxels / np.prod(size)) ** (1 / free.sum())
+        if scale <= 1:
+            break
+        size = np.where(free, np.minimum(size * scale, limit), size)
+        free &= size < limit
+    out = []
+    for s, p, d, lim in zip(size, patch, divisor, limit):
+        w = max(int(d), int(round(s / d)) * int(d))
+        out.append(int(min(max(w, min(p, lim)), lim)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def plan_tiles(
+    shape: Sequence[int],
+    window: Sequence[int],
+    tile_voxels: int,
+    chunks: Sequence[int] | None = None,
+) -> list[Box]:
+    """Output tiles: whole chunks of ``chunks`` (when given), about ``tile_voxels`` at most, covering ``shape``.
+
+    A volume within the budget is one tile.  Otherwise a tile grows from one
+    chunk, doubling the axis that is shortest relative to the window (long
+    tiles would recompute more straddling windows), while it stays within the
+    budget; it is never smaller than one chunk.
+    """
+    shape = tuple(int(s) for s in shape)
+    if int(np.prod(shape)) <= tile_voxels:
+        return [tuple(slice(0, s) for s in shape)]  # type: ignore[list-item]
+    unit = [min(int(c), s) for c, s in zip(chunks or (1, 1, 1), shape)]
+    full = [_round_up(s, u) for s, u in zip(shape, unit)]
+    tile = list(unit)
+    while True:
+        growable = [a for a in range(3) if tile[a] < full[a]]
+        growable = [a for a in growable if np.prod(tile) // tile[a] * min(2 * tile[a], full[a]) <= tile_voxels]
+        if not growable:
+            break
+        a = min(growable, key=lambda i: tile[i] / max(int(window[i]), 1))
+        tile[a] = min(2 * tile[a], full[a])
+    starts = [range(0, s, t) for s, t in zip(shape, tile)]
+    return [
+        tuple(slice(o, min(o + t, s)) for o, t, s in zip(origin, tile, shape))  # type: ignore[misc]
+        for origin in itertools.product(*starts)
+    ]
 
 
 class _Grid:
-    """Windows and cells along the three axes."""
+    """The global window grid, and the Gaussian weights it lays on each axis."""
 
-    def __init__(self, shape: Sequence[int], window: Sequence[int], overlap: float) -> None:
+    def __init__(self, shape: Sequence[int], window: Sequence[int], overlap: float, sigma: float) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.window = tuple(int(w) for w in window)
-        self.starts = [window_starts(s, w, overlap) for s, w in zip(self.shape, self.window)]
-        # cells are cut at every window start and end, so each cell is inside or outside each window
-        self.bounds = [
-            sorted({0, s} | set(st) | {min(x + w, s) for x in st})
-            for st, w, s in zip(self.starts, self.window, self.shape)
+        self.starts = [np.asarray(window_starts(s, w, overlap)) for s, w in zip(self.shape, self.window)]
+        self.gauss = [_gaussian_1d(w, sigma) for w in self.window]
+        # per axis, the sum of the 1D Gaussians of all windows at each voxel: their product is the
+        # weight sum under every voxel, since the windows form a product grid
+        self.weight_sum = []
+        for starts, g, s in zip(self.starts, self.gauss, self.shape):
+            total = np.zeros(max(s, int(starts[-1]) + len(g)))
+            for a in starts:
+                total[a : a + len(g)] += g
+            self.weight_sum.append(total[:s])
+
+    def windows_touching(self, box: Box) -> list[tuple[int, int, int]]:
+        """Start positions (z, y, x) of the windows that overlap ``box``."""
+        per_axis = [
+            [int(a) for a in starts if a < b.stop and a + w > b.start]
+            for starts, b, w in zip(self.starts, box, self.window)
         ]
-        # per axis: for each window, the range of cells it covers
-        self.cover: list[list[range]] = []
-        for st, b, w, s in zip(self.starts, self.bounds, self.window, self.shape):
-            ranges = []
-            for start in st:
-                end = min(start + w, s)
-                cells = [i for i in range(len(b) - 1) if b[i] >= start and b[i + 1] <= end]
-                ranges.append(range(cells[0], cells[-1] + 1))
-            self.cover.append(ranges)
-        self.pending: dict[tuple[int, int, int], int] = {}
-        for window_index in self.windows():
-            for cell in self.cells_of(window_index):
-                self.pending[cell] = self.pending.get(cell, 0) + 1
+        return list(itertools.product(*per_axis))
 
-    def windows(self) -> list[tuple[int, int, int]]:
-        return list(itertools.product(*(range(len(st)) for st in self.starts)))
-
-    def cells_of(self, window_index: tuple[int, int, int]) -> Iterable[tuple[int, int, int]]:
-        return itertools.product(*(self.cover[a][window_index[a]] for a in range(3)))
-
-    def window_region(self, window_index: tuple[int, int, int]) -> tuple[slice, ...]:
-        return tuple(
-            slice(st[i], min(st[i] + w, s)) for st, i, w, s in zip(self.starts, window_index, self.window, self.shape)
-        )
-
-    def cell_region(self, cell: tuple[int, int, int]) -> tuple[slice, slice, slice]:
-        return tuple(slice(b[i], b[i + 1]) for b, i in zip(self.bounds, cell))  # type: ignore[return-value]
+    def count(self) -> int:
+        return int(np.prod([len(s) for s in self.starts]))
 
 
 def _forward(model: torch.nn.Module, batch: torch.Tensor, mirror: bool) -> torch.Tensor:
@@ -124,6 +204,20 @@ def _forward(model: torch.nn.Module, batch: torch.Tensor, mirror: bool) -> torch
     return probs / (len(flips) + 1)
 
 
+def resolve_window(info: ModelInfo, model: torch.nn.Module, shape: Sequence[int], config: PredictConfig) -> tuple[int, int, int]:
+    """The window a prediction of a volume of ``shape`` uses under ``config``."""
+    divisor = tuple(model.divisor)
+    if config.window == "patch":
+        return tuple(info.patch_size)  # type: ignore[return-value]
+    if config.window == "auto":
+        return plan_window(info.patch_size, divisor, shape, config.window_voxels)
+    window = tuple(int(w) for w in config.window)
+    bad = [w for w, d in zip(window, divisor) if w % d]
+    if bad:
+        raise ValueError(f"config.predict.window {window} must be a multiple of the network's stride {divisor} per axis")
+    return window  # type: ignore[return-value]
+
+
 def predict_blocks(
     volume: Volume,
     model: Any,
@@ -132,8 +226,9 @@ def predict_blocks(
     config: PredictConfig | None = None,
     priority: Sequence[float] | None = None,
     progress: Callable[[PredictReport], Any] | None = None,
+    chunks: Sequence[int] | None = None,
 ) -> Generator[Block, None, None]:
-    """Predict ``volume`` window by window, yielding each finished :class:`Block`.
+    """Predict ``volume`` tile by tile, yielding each finished :class:`Block`.
 
     Parameters
     ----------
@@ -142,11 +237,13 @@ def predict_blocks(
         See :func:`napari_sparse3d.checkpoint.as_model`.
     device : str
     config : PredictConfig, optional
-        Overlap, batch size, mirror test-time augmentation; default: the model's.
+        Window, overlap, batch size, mirroring, tile size; default: the model's.
     priority : (z, y, x), optional
-        Compute windows nearest this point first (e.g. where the viewer looks).
+        Compute the tiles nearest this point first (e.g. where the viewer looks).
     progress : callable, optional
         Called with a :class:`PredictReport` after every batch of windows.
+    chunks : (z, y, x), optional
+        The output's chunk shape: every block then covers whole chunks.
     """
     model = as_model(model)
     info: ModelInfo = model.sparse3d  # type: ignore[assignment]
@@ -157,57 +254,60 @@ def predict_blocks(
     dtype = resolve_precision(dev, info.config.train.precision)
     model = model.to(dev).eval()
     channels_last = info.config.train.channels_last
-    grid = _Grid(volume.spatial_shape, info.patch_size, config.overlap)
-    gauss = gaussian_importance(info.patch_size, config.gaussian_sigma)
+    shape = volume.spatial_shape
+    window = resolve_window(info, model, shape, config)
+    grid = _Grid(shape, window, config.overlap, config.gaussian_sigma)
+    gauss = torch.from_numpy(gaussian_importance(window, config.gaussian_sigma)).to(dev)
     class_values = np.asarray(info.class_values)
     labels_dtype = np.min_scalar_type(max(int(class_values.max()), 1))
-    windows = grid.windows()
+    tiles = plan_tiles(shape, window, config.tile_voxels, chunks)
     if priority is not None:
         point = np.asarray(priority, dtype=float)
-
-        def distance(w: tuple[int, int, int]) -> float:
-            centre = np.array([(r.start + r.stop) / 2 for r in grid.window_region(w)])
-            return float(np.sum((centre - point) ** 2))
-
-        windows.sort(key=distance)
-    sums: dict[tuple[int, int, int], np.ndarray] = {}
-    weights: dict[tuple[int, int, int], np.ndarray] = {}
+        tiles.sort(key=lambda t: float(np.sum((np.array([(r.start + r.stop) / 2 for r in t]) - point) ** 2)))
+    plans = [grid.windows_touching(t) for t in tiles]
+    total = sum(len(p) for p in plans)
     start = time.perf_counter()
     done = 0
-    for first in range(0, len(windows), config.batch_size):
-        chunk = windows[first : first + config.batch_size]
-        regions = [grid.window_region(w) for w in chunk]
-        images = []
-        for region in regions:
-            block = volume.read(region)
-            check_finite("image", block)
-            block = info.normalization.apply(block)
-            pad = [(0, 0)] + [(0, w - (r.stop - r.start)) for r, w in zip(region, grid.window)]
-            images.append(np.pad(block, pad) if any(p[1] for p in pad) else block)
-        batch = torch.from_numpy(np.stack(images)).to(dev)
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode(), autocast(dev, dtype):
-            probs = _forward(model, batch, config.mirror_tta).cpu().numpy()
-        for w, region, p in zip(chunk, regions, probs):
-            for cell in grid.cells_of(w):
-                cell_region = grid.cell_region(cell)
-                local = tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(cell_region, region))
-                g = gauss[local]
-                if cell not in sums:
-                    sums[cell] = p[(slice(None),) + local] * g
-                    weights[cell] = g.copy()
-                else:
-                    sums[cell] += p[(slice(None),) + local] * g
-                    weights[cell] += g
-                grid.pending[cell] -= 1
-                if grid.pending[cell] == 0:
-                    cell_probs = sums.pop(cell) / weights.pop(cell)
-                    cell_labels = class_values[np.argmax(cell_probs, axis=0)].astype(labels_dtype)
-                    yield Block(cell_region, cell_probs.astype(np.float32, copy=False), cell_labels)
-        done += len(chunk)
-        if progress is not None:
-            progress(PredictReport(done, len(windows), time.perf_counter() - start))
+    for tile, starts in zip(tiles, plans):
+        # the input under the tile's windows, read and normalised once; zeros (the mean) outside the volume
+        lo = [min(s[a] for s in starts) for a in range(3)]
+        hi = [max(s[a] for s in starts) + window[a] for a in range(3)]
+        inside = tuple(slice(l, min(h, n)) for l, h, n in zip(lo, hi, shape))
+        block = volume.read(inside)
+        check_finite("image", block)
+        block = info.normalization.apply(block)
+        image = torch.zeros((volume.channels, *(h - l for l, h in zip(lo, hi))), dtype=torch.float32)
+        image[(slice(None),) + tuple(slice(0, s.stop - s.start) for s in inside)] = torch.from_numpy(block)
+        del block
+        image = image.to(dev)
+        tile_shape = tuple(t.stop - t.start for t in tile)
+        acc = torch.zeros((len(class_values),) + tile_shape, dtype=torch.float32, device=dev)
+        for first in range(0, len(starts), config.batch_size):
+            chunk = starts[first : first + config.batch_size]
+            crops = [image[(slice(None),) + tuple(slice(a - l, a - l + w) for a, l, w in zip(s, lo, window))] for s in chunk]
+            batch = torch.stack(crops)
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            with torch.inference_mode(), autocast(dev, dtype):
+                probs = _forward(model, batch, config.mirror_tta)
+            with torch.inference_mode():
+                for s, p in zip(chunk, probs):
+                    # the part of the window inside the tile, in window and in tile coordinates
+                    a0 = [max(a, t.start) for a, t in zip(s, tile)]
+                    a1 = [min(a + w, t.stop) for a, w, t in zip(s, window, tile)]
+                    win = tuple(slice(x0 - a, x1 - a) for x0, x1, a in zip(a0, a1, s))
+                    loc = tuple(slice(x0 - t.start, x1 - t.start) for x0, x1, t in zip(a0, a1, tile))
+                    acc[(slice(None),) + loc] += p[(slice(None),) + win] * gauss[win]
+            done += len(chunk)
+            if progress is not None:
+                progress(PredictReport(done, total, time.perf_counter() - start))
+        del image
+        wz, wy, wx = (torch.from_numpy(ws[t].astype(np.float32)).to(dev) for ws, t in zip(grid.weight_sum, tile))
+        acc /= wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+        labels = torch.argmax(acc, dim=0).cpu().numpy()
+        probabilities = acc.cpu().numpy()
+        del acc
+        yield Block(tile, probabilities, class_values[labels].astype(labels_dtype))
 
 
 class _Crop:
@@ -231,7 +331,7 @@ class _Crop:
 def context_box(
     shape: Sequence[int], region: Sequence[slice], window: Sequence[int]
 ) -> tuple[slice, slice, slice]:
-    """``region`` grown (about its centre, inside ``shape``) to at least one window per axis."""
+    """``region`` grown (about its centre, inside ``shape``) to at least one ``window`` per axis."""
     box = []
     for size, r, w in zip(shape, region, window):
         start, stop = max(0, r.start or 0), min(size, size if r.stop is None else r.stop)
@@ -252,12 +352,15 @@ def predict_region(
 ) -> Generator[Block, None, None]:
     """Predict only ``region`` (three slices) of ``volume``, e.g. the slice on screen.
 
-    The region is grown to at least one training patch per axis, so the network
-    sees the context it was trained with; the blocks yielded cover that box, in
-    the volume's coordinates.
+    The region is grown to at least one prediction window per axis, so the
+    network sees the context it was trained with; the blocks yielded cover
+    that box, in the volume's coordinates.
     """
     model = as_model(model)
-    box = context_box(volume.spatial_shape, region, model.sparse3d.patch_size)
+    config = config or model.sparse3d.config.predict
+    box = context_box(
+        volume.spatial_shape, region, resolve_window(model.sparse3d, model, volume.spatial_shape, config)
+    )
     for block in predict_blocks(_Crop(volume, box), model, device=device, config=config):  # type: ignore[arg-type]
         shifted = tuple(slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, block.region))
         yield Block(shifted, block.probabilities, block.labels)  # type: ignore[arg-type]
