@@ -267,7 +267,10 @@ class TrainingWidget(DockWidget):
             eta = ""
             if item.progress > 0.02 and self._budget:
                 eta = f" · ~{max(0.0, item.elapsed / item.progress - item.elapsed):.0f} s left"
-            self.status.value = f"training: iteration {item.iteration} · {item.elapsed:.0f} s{eta} · loss {item.loss:.3f}"
+            skipped = f" · {item.skipped} non-finite steps skipped" if item.skipped else ""
+            self.status.value = (
+                f"training: iteration {item.iteration} · {item.elapsed:.0f} s{eta} · loss {item.loss:.3f}{skipped}"
+            )
         elif isinstance(item, Preview):
             self._paint(item.blocks)
         elif isinstance(item, Block):

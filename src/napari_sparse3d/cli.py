@@ -150,7 +150,8 @@ class _Progress:
             self.bar = tqdm(
                 total=100, desc="train", file=sys.stderr, mininterval=0.5, bar_format="{l_bar}{bar}| {elapsed}{postfix}"
             )
-        self.bar.set_postfix_str(f"step {report.iteration}, loss {report.loss:.4f}", refresh=False)
+        skipped = f", {report.skipped} skipped" if report.skipped else ""
+        self.bar.set_postfix_str(f"step {report.iteration}, loss {report.loss:.4f}{skipped}", refresh=False)
         self.bar.update(round(100 * report.progress) - self.bar.n)
 
     def _close(self) -> None:

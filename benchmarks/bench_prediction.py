@@ -1,0 +1,283 @@
+"""Whole-volume prediction: accuracy and speed of the prediction settings, and against MONAI.
+
+Three parts (``--parts``), all on the real nuclei volume (see label_efficiency.py):
+
+``dice``
+    Trains one model per task (two-class, three-class) and seed (``--seeds``,
+    default 0 1 2) with 2 annotated slices per axis and the default recipe for
+    ``--train-steps`` (default 400, about the label-efficiency benchmark's
+    120 s on a 2-core CPU without native bf16; models are cached in
+    ``benchmarks/data/models/``), then predicts
+    the volume with each candidate setting of :data:`CANDIDATES` and scores the
+    Dice outside the annotated slices.  The first candidate is the old default
+    (windows of the training patch, overlap 0.5, 8 mirrorings).
+``speed``
+    Times each candidate (and the current default) on the nuclei volume,
+    median of ``--repeats`` (default 5), in a fresh model's process: seconds,
+    Mvox/s of output, the network's FLOPs (``torch.utils.flop_counter``) per
+    second, and that as a fraction of the CPU's roofline — the FLOP/s of a
+    large matrix product in the same precision, the most this CPU computes.
+``monai``
+    Equal work against MONAI's ``sliding_window_inference``: the same module,
+    one pass per window, windows of the training patch, overlap 0.5, Gaussian
+    weights (sigma 0.125), 8 windows per batch.  MONAI runs as its users run
+    it on a CPU (float32, contiguous tensors); napari-sparse3d runs its own
+    path (its precision and memory format for this CPU).  Median of 3.
+
+    python benchmarks/bench_prediction.py [--parts dice speed monai]
+
+Writes ``benchmarks/results/prediction.md`` (and prints it); per-model Dice
+records go to ``benchmarks/results/prediction_dice.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import label_efficiency as le  # noqa: E402  (also puts src/ on the path when not installed)
+
+import torch  # noqa: E402
+
+import napari_sparse3d  # noqa: E402
+from napari_sparse3d.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from napari_sparse3d.config import PredictConfig  # noqa: E402
+from napari_sparse3d.data import as_volume  # noqa: E402
+from napari_sparse3d.devices import resolve_precision  # noqa: E402
+from napari_sparse3d.prediction import _Grid, predict_blocks, resolve_window  # noqa: E402
+
+MODELS = le.DATA_DIR / "models"
+OLD_DEFAULT = {"window": "patch", "overlap": 0.5, "mirror_tta": True}
+#: name -> PredictConfig fields; the first is the reference (the default before this benchmark)
+CANDIDATES = {
+    "old default: patch, overlap 0.5, mirrored": OLD_DEFAULT,
+    "patch, overlap 0.5": {"window": "patch", "overlap": 0.5, "mirror_tta": False},
+    "auto 2^18, overlap 0.5": {"window": "auto", "window_voxels": 2**18, "overlap": 0.5, "mirror_tta": False},
+    "auto 2^18, overlap 0.25": {"window": "auto", "window_voxels": 2**18, "overlap": 0.25, "mirror_tta": False},
+    "auto 2^18, overlap 0.125": {"window": "auto", "window_voxels": 2**18, "overlap": 0.125, "mirror_tta": False},
+    "auto 2^20, overlap 0.25": {"window": "auto", "window_voxels": 2**20, "overlap": 0.25, "mirror_tta": False},
+    "auto 2^20, overlap 0.125": {"window": "auto", "window_voxels": 2**20, "overlap": 0.125, "mirror_tta": False},
+}
+
+
+def trained_model(image, instances, task: str, seed: int, steps: int):
+    path = MODELS / f"{task}-k2-seed{seed}-{int(steps)}steps.pt"
+    if path.exists():
+        return load_checkpoint(path)
+    truth = le.make_truth(instances, task)
+    slices, _, sparse = le.annotation(truth, 2)
+    from napari_sparse3d.data import prepare_annotations
+    from napari_sparse3d.training import Trainer
+
+    trainer = Trainer(as_volume(image), prepare_annotations(sparse, image.shape, slices), spacing=le.SPACING,
+                      device="cpu", seed=seed)
+    t0 = time.perf_counter()
+    for _ in trainer.steps(max_iterations=steps):
+        pass
+    le.log(f"trained {task} seed {seed}: {steps} steps in {time.perf_counter() - t0:.0f} s")
+    save_checkpoint(trainer.model, path)
+    return load_checkpoint(path)
+
+
+def predict(image, model, fields: dict) -> np.ndarray:
+    return napari_sparse3d.predict(image, _with(model, fields), device="cpu")
+
+
+def _with(model, fields: dict):
+    """The model with other prediction settings (a shallow copy of its metadata)."""
+    import dataclasses
+
+    info = model.sparse3d
+    config = info.config.replace(predict={**PredictConfig().__dict__, **fields})
+    model.sparse3d = dataclasses.replace(info, config=config)
+    return model
+
+
+def part_dice(args, image, instances, lines: list[str]) -> None:
+    out = le.RESULTS_DIR / "prediction_dice.jsonl"
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in CANDIDATES}
+    for task in args.tasks:
+        truth = le.make_truth(instances, task)
+        _, annotated, _ = le.annotation(truth, 2)
+        for seed in args.seeds:
+            model = trained_model(image, instances, task, seed, args.train_steps)
+            reference = None
+            for name, fields in CANDIDATES.items():
+                t0 = time.perf_counter()
+                labels = predict(image, model, fields)
+                seconds = time.perf_counter() - t0
+                dice, per_class = le.score(labels, truth, annotated)
+                reference = dice if reference is None else reference
+                rows[name].append((dice, dice - reference))
+                record = {"task": task, "seed": seed, "setting": name, "fields": fields, "dice": dice,
+                          "per_class": per_class, "seconds": seconds, "train_steps": args.train_steps}
+                le.append_result(out, record)
+                le.log(f"{task} seed {seed} {name}: dice {dice:.4f} ({dice - reference:+.4f}) in {seconds:.1f} s")
+    lines += [
+        "## Dice of each setting on trained models",
+        "",
+        f"Models: default recipe, {args.train_steps} training steps, 2 annotated slices per axis, tasks"
+        f" {', '.join(args.tasks)}, seeds {' '.join(map(str, args.seeds))}; Dice outside the annotated slices;"
+        " change against the old default on the same model.",
+        "",
+        "| setting | mean Dice | mean change | worst change |",
+        "|---|---|---|---|",
+    ]
+    for name, values in rows.items():
+        d = np.array(values)
+        lines.append(f"| {name} | {d[:, 0].mean():.4f} | {d[:, 1].mean():+.4f} | {d[:, 1].min():+.4f} |")
+    lines.append("")
+
+
+def roofline(dtype: torch.dtype) -> float:
+    """FLOP/s of a large matrix product in ``dtype``: the most this CPU computes (best of 5)."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best
+
+
+def window_flops(model, window, channels_last: bool, dtype: torch.dtype) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, model.in_channels, *window)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.eval()(x)
+    return float(counter.get_total_flops())
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up: oneDNN primitive creation, allocator
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def part_speed(args, image, instances, lines: list[str]) -> None:
+    model = trained_model(image, instances, "three-class", 0, args.train_steps)
+    info = model.sparse3d
+    dtype = resolve_precision(torch.device("cpu"), info.config.train.precision)
+    peak = roofline(dtype)
+    volume = as_volume(image)
+    lines += [
+        "## Speed of each setting",
+        "",
+        f"Nuclei volume {image.shape} ({image.size / 1e6:.1f} Mvox), three-class model, median of {args.repeats};"
+        f" precision {str(dtype).replace('torch.', '')}, roofline (2048² matrix product) {peak / 1e9:.0f} GFLOP/s.",
+        "",
+        "| setting | window | windows | seconds | Mvox/s | network GFLOP/s | roofline fraction |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    settings = {"**current default**": {}, **{k: v for k, v in CANDIDATES.items()}}
+    for name, fields in settings.items():
+        cfg = PredictConfig(**{**PredictConfig().__dict__, **fields})
+        if name != "**current default**" and cfg == PredictConfig():
+            continue
+        if cfg.mirror_tta and args.repeats > 1 and not args.time_mirrored:
+            continue  # 8x the work: timed once in the dice part
+        window = resolve_window(info, model, volume.spatial_shape, cfg)
+        n = _Grid(volume.spatial_shape, window, cfg.overlap, cfg.gaussian_sigma).count()
+        flops = window_flops(model, window, info.config.train.channels_last, dtype) * n * (8 if cfg.mirror_tta else 1)
+        seconds = timed(lambda: list(predict_blocks(volume, model, device="cpu", config=cfg)), args.repeats)
+        lines.append(f"| {name} | {'x'.join(map(str, window))} | {n} | {seconds:.2f} | {image.size / seconds / 1e6:.2f} |"
+                     f" {flops / seconds / 1e9:.1f} | {flops / seconds / peak:.2f} |")
+        le.log(lines[-1])
+    lines.append("")
+
+
+def part_monai(args, image, instances, lines: list[str]) -> None:
+    from monai.inferers import sliding_window_inference
+
+    model = trained_model(image, instances, "three-class", 0, args.train_steps)
+    info = model.sparse3d
+    patch = tuple(info.patch_size)
+    volume = as_volume(image)
+    cfg = PredictConfig(window="patch", overlap=0.5, mirror_tta=False, batch_size=8)
+    n = _Grid(volume.spatial_shape, patch, 0.5, 0.125).count()
+    dtype = resolve_precision(torch.device("cpu"), info.config.train.precision)
+
+    def ours():
+        return list(predict_blocks(volume, model, device="cpu", config=cfg))
+
+    def monai():
+        # what a MONAI user writes: normalise the whole volume, then slide over it
+        x = torch.from_numpy(info.normalization.apply(volume.read()))[None]
+        net = model.to(memory_format=torch.contiguous_format).eval()
+        with torch.inference_mode():
+            logits = sliding_window_inference(x, patch, 8, net, overlap=0.5, mode="gaussian", sigma_scale=0.125)
+            return torch.softmax(logits, 1)
+
+    ours_s = timed(ours, 3)
+    monai_s = timed(monai, 3)
+    model.to(memory_format=torch.channels_last_3d if info.config.train.channels_last else torch.contiguous_format)
+    flops = window_flops(model, patch, False, torch.float32) * n
+    peak32 = roofline(torch.float32)
+    peak = roofline(dtype)
+    a = np.concatenate([b.probabilities.ravel() for b in ours()])  # one tile: the whole volume
+    m = monai()[0].numpy().ravel()
+    lines += [
+        "## Equal work against MONAI",
+        "",
+        f"Windows of the training patch {'x'.join(map(str, patch))}, overlap 0.5, Gaussian, 8 per batch, one pass:"
+        f" {n} windows on both sides; MONAI {__import__('monai').__version__} in float32, contiguous; napari-sparse3d"
+        f" in {str(dtype).replace('torch.', '')}, channels-last-3d: {info.config.train.channels_last}. Median of 3."
+        f" Largest difference of the probabilities: {np.abs(a - m).max():.2e}.",
+        "",
+        "| implementation | seconds | Mvox/s | network GFLOP/s | roofline fraction |",
+        "|---|---|---|---|---|",
+        f"| MONAI sliding_window_inference | {monai_s:.2f} | {image.size / monai_s / 1e6:.2f} |"
+        f" {flops / monai_s / 1e9:.1f} | {flops / monai_s / peak32:.2f} |",
+        f"| napari-sparse3d predict_blocks | {ours_s:.2f} | {image.size / ours_s / 1e6:.2f} |"
+        f" {flops / ours_s / 1e9:.1f} | {flops / ours_s / peak:.2f} |",
+        "",
+        f"**napari-sparse3d / MONAI speed: {monai_s / ours_s:.2f}x**",
+        "",
+    ]
+    le.log(lines[-2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["dice", "speed", "monai"], choices=["dice", "speed", "monai"])
+    parser.add_argument("--tasks", nargs="+", default=list(le.TASKS), choices=le.TASKS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    # steps, not seconds, so that a busy machine trains the same models: 400 steps are about 120 s of
+    # training on a 2-core AVX-512 CPU without native bf16 (0.3 s a step)
+    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--time-mirrored", action="store_true", help="also time mirrored settings --repeats times")
+    parser.add_argument("--out", default=str(le.RESULTS_DIR / "prediction.md"))
+    args = parser.parse_args()
+    image, instances, source = le.load_data()
+    lines = [
+        "# Whole-volume prediction",
+        "",
+        f"Command: `python benchmarks/bench_prediction.py --parts {' '.join(args.parts)}` (torch {torch.__version__},"
+        f" {torch.get_num_threads()} threads; data: {source})",
+        "",
+    ]
+    for part in args.parts:
+        {"dice": part_dice, "speed": part_speed, "monai": part_monai}[part](args, image, instances, lines)
+    text = "\n".join(lines)
+    print(text)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and set(args.parts) != {"dice", "speed", "monai"}:
+        text = path.read_text().rstrip() + "\n\n" + "\n".join(lines[4:])  # a partial run adds its sections
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
