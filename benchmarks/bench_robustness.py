@@ -16,7 +16,10 @@ of 60 steps (1-2 slices, seeds 0-2) stopped with "training diverged".
 
     python benchmarks/bench_robustness.py [--precision auto bf16] [--iterations 100]
 
-Writes ``benchmarks/results/robustness.md`` (and prints it).
+Each run is appended to ``benchmarks/results/robustness.jsonl`` as it finishes;
+runs already there are not repeated (so several invocations, e.g. one per
+precision, can share the work), and ``benchmarks/results/robustness.md`` (also
+printed) is made from all the records of the requested settings.
 """
 
 from __future__ import annotations
@@ -73,7 +76,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--out", default=str(le.RESULTS_DIR / "robustness.md"))
+    parser.add_argument("--table-only", action="store_true", help="only make the table from the records")
     args = parser.parse_args()
+    records_path = le.RESULTS_DIR / "robustness.jsonl"
+    done = {}
+    for r in le.read_results(records_path):
+        if r.get("iterations") == args.iterations:
+            done[(r["precision"], r["task"], r["slices"], r["seed"])] = r
     image, instances, source = le.load_data()
     lines = [
         "# Robustness: short runs of the default recipe",
@@ -94,11 +103,20 @@ def main() -> None:
                 for n in args.slices:
                     records = []
                     for seed in args.seeds:
+                        key = (precision, task, n, seed)
+                        if key in done or args.table_only:
+                            if key in done:
+                                records.append(done[key])
+                            continue
                         r = one_run(image, truth, n, seed, precision, args.iterations, Path(tmp))
+                        r.update(precision=precision, task=task, iterations=args.iterations)
+                        le.append_result(records_path, r)
                         records.append(r)
                         le.log(f"{precision} {task} n={n} seed={seed}: steps {r['steps']} skipped {r['skipped']}"
                                f" loss {r['loss']:.4f} finite {r.get('finite')}/{r.get('checkpoint_finite')}"
                                f" error {r['error']} ({r['seconds']:.0f} s)")
+                    if not records:
+                        continue
                     failures = sum(r["error"] is not None for r in records)
                     broken = sum(not (r.get("finite") and r.get("checkpoint_finite")) for r in records if r["error"] is None)
                     total_runs += len(records)

@@ -227,3 +227,9 @@ def test_history_is_thinned_in_checkpoints_and_in_memory(small_volume, tiny_conf
     path = save_checkpoint(trainer.model, tmp_path / "model.pt")
     loaded = load_checkpoint(path).sparse3d.history
     assert len(loaded) == HISTORY_LIMIT and loaded[-1]["iteration"] == 5001
+
+
+def test_no_step_starts_past_a_time_budget(small_volume, tiny_config):
+    reports = list(_trainer(small_volume, tiny_config).steps(max_seconds=1.0))
+    assert reports and reports[-1].elapsed - reports[-1].step_seconds <= 1.0
+    assert [r.iteration for r in reports] == list(range(1, len(reports) + 1))
