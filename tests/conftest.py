@@ -30,3 +30,19 @@ def small_volume():
     labels[:, [12, 26]] = truth[:, [12, 26]]
     labels[:, :, [10, 20]] = truth[:, :, [10, 20]]
     return image, labels, truth, slices
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``(model, path)``: a two-step model on noise with classes 0, 1, 2, saved as a checkpoint."""
+    import napari_sparse3d
+
+    config = Config.from_dict(
+        {"model": {"levels": 2, "base_features": 4}, "train": {"patch_size": [8, 16, 16], "batch_size": 1, "warmup_steps": 0}}
+    )
+    image = np.random.default_rng(0).normal(size=(12, 24, 24)).astype(np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[6, :12] = 1
+    labels[6, 12:] = 2
+    res = napari_sparse3d.run(image, labels, max_iterations=2, device="cpu", config=config)
+    return res.model, res.save(tmp_path_factory.mktemp("model") / "model.pt")

@@ -2,6 +2,8 @@
 
 import threading
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -250,3 +252,24 @@ def test_out_of_memory_halves_the_batch_and_says_so(small_volume, tiny_config):
     trainer.model.forward = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
     with pytest.raises(MemoryError, match="even with one patch of"):
         next(trainer.steps(max_iterations=1))
+
+
+def test_every_sample_in_the_menu_opens_on_a_default_install(monkeypatch):
+    """The napari manifest lists only samples that open without optional packages."""
+    import importlib
+    import importlib.util
+
+    import yaml
+
+    import napari_sparse3d
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "bio_sample" in name else real_find_spec(name, *a))
+    manifest = yaml.safe_load((Path(napari_sparse3d.__file__).parent / "napari.yaml").read_text())
+    commands = {c["id"]: c["python_name"] for c in manifest["contributions"]["commands"]}
+    samples = manifest["contributions"]["sample_data"]
+    assert samples
+    for sample in samples:
+        module, _, name = commands[sample["command"]].partition(":")
+        layers = getattr(importlib.import_module(module), name)()
+        assert layers and all(kind in ("image", "labels") for _, _, kind in layers), sample["key"]

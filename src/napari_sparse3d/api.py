@@ -141,12 +141,28 @@ def run(
     check_budget(max_seconds, max_iterations)
     seed = _check_seed(seed)
     _check_progress(progress)
-    project = None
     from .project import Project, is_project
 
     labels_given = labels is not None
-    if is_project(image):
-        project = Project.open(image)
+    # one writer at a time: refused while napari (or another run) writes into the project
+    project = Project.open(image, writable=True) if is_project(image) else None
+    try:
+        return _run_in(
+            project, image, labels, labels_given, annotated_slices, spacing, max_seconds, max_iterations, device,
+            seed, config, progress, channel_axis, background_label, init, checkpoint_every,
+        )
+    finally:
+        if project is not None:
+            project.close()
+
+
+def _run_in(
+    project: Any, image: Any, labels: Any, labels_given: bool, annotated_slices: Any, spacing: Any,
+    max_seconds: float | None, max_iterations: int | None, device: str, seed: int, config: Any,
+    progress: Any, channel_axis: int | None, background_label: int | None, init: Any, checkpoint_every: float,
+) -> RunResult:
+    """:func:`run` once its project, if any, is open for writing."""
+    if project is not None:
         image = project.image()
         if labels is None:
             labels, saved_slices = project.annotations()
@@ -236,24 +252,74 @@ def _predict_volume(
     return out, probabilities
 
 
-def _prepare_out(out: Any, shape: tuple[int, ...], class_values: list[int]) -> Any:
-    if out is None:
-        return None
-    if isinstance(out, (str, os.PathLike)):
+class _Output:
+    """Where :func:`predict` writes: an array, marked incomplete until the last block is in.
+
+    A path gets a zarr array written aside (a hidden sibling) and renamed into place
+    at the end, so an interrupted run never leaves a half-written array under the
+    name asked for, nor destroys what was there; the aside copy and a caller's
+    zarr array carry ``{"napari_sparse3d": {"complete": false}}`` until finished,
+    which :func:`~napari_sparse3d.data.load_array` refuses to read.
+    """
+
+    def __init__(self, out: Any, shape: tuple[int, ...], class_values: list[int], *, overwrite: bool, inputs: Sequence[Any]) -> None:
+        from .data import OUTPUT_ATTRIBUTE, is_zarr_array
+
+        self.final: Path | None = None
+        self.array: Any = None
+        if out is None:
+            return
+        if isinstance(out, (str, os.PathLike)):
+            import zarr
+
+            from .files import aside_path, check_output_path
+
+            self.final = check_output_path(
+                out, name="out", overwrite=overwrite, inputs=inputs, is_replaceable=is_zarr_array, what="zarr prediction"
+            )
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = aside_path(self.final)
+            dtype = np.min_scalar_type(max(max(class_values), 1))
+            self.array = zarr.create_array(str(self.tmp), shape=shape, dtype=dtype, chunks=_chunks(shape))
+            self.array.attrs[OUTPUT_ATTRIBUTE] = {"complete": False}
+            return
+        if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
+            raise TypeError(f"out must be a writable array (zarr or numpy) or a path, got {type(out).__name__}")
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"out must have the image's spatial shape {shape}, got {tuple(out.shape)}")
+        kind = np.dtype(out.dtype).kind
+        if kind not in "iu" or np.iinfo(out.dtype).max < max(class_values):
+            raise ValueError(f"out must have an integer dtype that holds label values up to {max(class_values)}, got {out.dtype}")
+        self.array = out
+        self._mark(False)
+
+    def _mark(self, complete: bool) -> None:
+        from .data import OUTPUT_ATTRIBUTE
+
+        attrs = getattr(self.array, "attrs", None)
+        if attrs is not None and hasattr(attrs, "__setitem__"):
+            try:
+                attrs[OUTPUT_ATTRIBUTE] = {"complete": complete}
+            except Exception:  # a read-only or foreign attribute store: nothing to mark
+                pass
+
+    def finish(self) -> Any:
+        self._mark(True)
+        if self.final is None:
+            return self.array
         import zarr
 
-        dtype = np.min_scalar_type(max(max(class_values), 1))
-        return zarr.create_array(
-            str(out), shape=shape, dtype=dtype, chunks=_chunks(shape), overwrite=True
-        )
-    if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
-        raise TypeError(f"out must be a writable array (zarr or numpy) or a path, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have the image's spatial shape {shape}, got {tuple(out.shape)}")
-    kind = np.dtype(out.dtype).kind
-    if kind not in "iu" or np.iinfo(out.dtype).max < max(class_values):
-        raise ValueError(f"out must have an integer dtype that holds label values up to {max(class_values)}, got {out.dtype}")
-    return out
+        from .files import replace_with
+
+        replace_with(self.tmp, self.final)
+        return zarr.open_array(str(self.final), mode="r+")
+
+    def abandon(self) -> None:
+        """After an error (not a kill): remove the aside copy; a caller's array stays marked incomplete."""
+        if self.final is not None:
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def predict(
@@ -261,6 +327,7 @@ def predict(
     model_or_checkpoint: Any,
     *,
     out: Any = None,
+    overwrite: bool = False,
     device: str = "auto",
     progress: Callable[[Any], Any] | None = None,
     channel_axis: int | None = None,
@@ -275,7 +342,13 @@ def predict(
         ``RunResult.model``, or what ``RunResult.save`` wrote.
     out : zarr/numpy array or path, optional
         Written block by block as windows finish, so a large volume never has
-        to fit in memory; a path creates a zarr array there.
+        to fit in memory; a path creates a zarr array there (written aside and
+        renamed into place when complete).  An existing path is refused unless
+        ``overwrite`` and it is an earlier zarr array; never the input itself.
+        Until the last block is written the array is marked incomplete, and
+        :func:`~napari_sparse3d.data.load_array` refuses to read it.
+    overwrite : bool
+        Replace an existing zarr array at ``out``.
     device, progress, channel_axis
         As for :func:`run`.
 
@@ -291,6 +364,10 @@ def predict(
     resolve_device(device)
     model = as_model(model_or_checkpoint, name="model_or_checkpoint")
     volume = as_volume(image, channel_axis)
-    target = _prepare_out(out, volume.spatial_shape, model.sparse3d.class_values)
-    labels, _ = _predict_volume(volume, model, device, progress, out=target)
-    return labels
+    target = _Output(out, volume.spatial_shape, model.sparse3d.class_values, overwrite=overwrite, inputs=[image, model_or_checkpoint])
+    try:
+        labels, _ = _predict_volume(volume, model, device, progress, out=target.array)
+    except BaseException:
+        target.abandon()
+        raise
+    return labels if out is None else target.finish()

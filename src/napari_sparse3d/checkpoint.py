@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import Config
+from .files import write_aside
 from .model import UNet3D, build_model
 from .preprocess import Normalization
 
@@ -108,10 +109,17 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         payload["optimizer"] = _cpu(info.optimizer_state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with write_aside(path) as tmp:  # a unique name beside it, flushed to disk, then renamed
+        torch.save(payload, tmp)
     return path
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = (torch.__version__.split("+")[0].split(".") + ["0"])[:2]
+    try:
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except ValueError:  # pragma: no cover - an unparsable development version
+        return (99, 0)
 
 
 def load_checkpoint(source: str | os.PathLike | dict, *, map_location: str | torch.device = "cpu") -> UNet3D:
@@ -123,20 +131,42 @@ def load_checkpoint(source: str | os.PathLike | dict, *, map_location: str | tor
         where = str(source)
         if not Path(source).is_file():
             raise ValueError(f"checkpoint: file {where!r} does not exist")
+        if _torch_version() < (2, 6):  # CVE-2025-32434: weights_only loading could still run code
+            raise RuntimeError(
+                f"checkpoint: loading {where!r} needs torch >= 2.6 (this is torch {torch.__version__}, whose"
+                " weights_only loading can run code from a crafted file); upgrade torch"
+            )
         try:
+            # weights_only: the unpickler builds tensors and plain containers only, so a crafted
+            # file cannot run code (torch >= 2.6, see setup.cfg)
             payload = torch.load(source, map_location=map_location, weights_only=True)
-        except Exception as exc:  # a truncated or foreign file
-            raise ValueError(f"checkpoint: {where!r} is not a readable napari-sparse3d checkpoint ({exc})") from exc
+        except Exception as exc:  # a truncated, foreign or hostile file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"checkpoint: {where!r} is not a readable napari-sparse3d checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint: {where!r} is not a napari-sparse3d checkpoint")
-    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"checkpoint: {where!r}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"checkpoint: {where!r} was written by a newer napari-sparse3d (format {payload['format_version']},"
             f" this version reads up to {FORMAT_VERSION}); upgrade napari-sparse3d"
         )
-    info = ModelInfo.from_dict(payload["info"])
-    model = build_model(info.in_channels, len(info.class_values), info.config.model, info.spacing)
-    model.load_state_dict(payload["state_dict"])
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"checkpoint: {where!r}: 'state_dict' must map parameter names to tensors")
+    try:
+        info = ModelInfo.from_dict(payload["info"])
+        model = build_model(info.in_channels, len(info.class_values), info.config.model, info.spacing)
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        # a checkpoint from elsewhere is untrusted input: say what is wrong, not where torch noticed it
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint: {where!r} does not describe a valid network ({type(exc).__name__}: {detail[:300]})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"checkpoint: {where!r} holds NaN or infinite weights ({', '.join(bad[:3])}); it cannot predict")
     optimizer = payload.get("optimizer")
     info.optimizer_state = optimizer if isinstance(optimizer, dict) else None
     model.sparse3d = info  # type: ignore[assignment]

@@ -68,6 +68,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of this command (never other files)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--channel-axis", type=int, help="the channel axis of a 4D (multichannel) image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     proj.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size; default isotropic")
     proj.add_argument("--reference", action="store_true", help="keep the image file where it is (stored: its path and "
                       "content hash) instead of copying it into the project")
+    proj.add_argument("--overwrite", action="store_true", help="replace an earlier project at PATH (never another folder)")
     return parser
 
 
@@ -185,6 +187,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     project = is_project(args.image)
     if not project and (args.labels is None or args.output is None):
         raise ValueError("train needs IMAGE LABELS --output MODEL.pt, or a project folder as IMAGE")
+    if args.output:
+        _check_target(Path(args.output), args.overwrite, [args.image, args.labels, args.init])
     progress = _Progress(args.quiet)
     res = run(args.image, args.labels, progress=progress, **_train_kwargs(args))
     progress.close()
@@ -226,9 +230,38 @@ def _cmd_project(args: argparse.Namespace) -> int:
         annotated_slices=parse_slices(args.slices) or {},
         spacing=args.spacing,
         image_path=args.image if args.reference else None,
+        overwrite=args.overwrite,
     )
+    project.close()
     print(f"project created at {project.path}")
     return 0
+
+
+def output_stems(images: Sequence[str]) -> list[str]:
+    """Distinct output names for several inputs: ``a.tif`` -> ``a``; ``a.tif`` and ``a.zarr`` -> ``a_tif``, ``a_zarr``."""
+    stems = [Path(i).name.split(".")[0] for i in images]
+    clash = {s for s in stems if stems.count(s) > 1}
+    stems = [Path(i).name.replace(".", "_") if s in clash else s for i, s in zip(images, stems)]
+    taken: set[str] = set()
+    out = []
+    for stem in stems:
+        name, n = stem, 1
+        while name in taken or (name != stem and name in stems):
+            n += 1
+            name = f"{stem}_{n}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def _check_target(target: Path, overwrite: bool, inputs: Sequence[Any]) -> None:
+    from .data import is_zarr_array
+    from .files import check_output_path
+
+    suffix = target.suffix.lower()
+    same_kind = is_zarr_array if suffix == ".zarr" else (lambda q: q.is_file() and q.suffix.lower() == suffix)
+    check_output_path(target, name="output", overwrite=overwrite, inputs=inputs, is_replaceable=same_kind,
+                      what=f"{suffix} output of napari-sparse3d")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -238,16 +271,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     model = load_checkpoint(args.model)
     out_dir = Path(args.output_dir)
+    targets = [out_dir / f"{stem}_labels.{args.format}" for stem in output_stems(args.images)]
+    inputs = [args.model, *args.images]
+    for target in targets:  # refuse before hours of work, not after
+        _check_target(target, args.overwrite, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for image in args.images:
-        name = Path(image).name.split(".")[0]
-        target = out_dir / f"{name}_labels.{args.format}"
+    for image, target in zip(args.images, targets):
         progress = _Progress(args.quiet)
         if args.format == "zarr":
-            predict(image, model, out=str(target), device=args.device, progress=progress, channel_axis=args.channel_axis)
+            predict(image, model, out=str(target), overwrite=args.overwrite, device=args.device, progress=progress,
+                    channel_axis=args.channel_axis)
         else:
             labels = predict(image, model, device=args.device, progress=progress, channel_axis=args.channel_axis)
-            save_array(target, labels)
+            save_array(target, labels, overwrite=args.overwrite, inputs=inputs)
         progress.close()
         print(f"{image} -> {target}")
     return 0
@@ -286,15 +322,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise SystemExit("napari-sparse3d run: IMAGE and LABELS are required (or use --sample, or a project)")
         image, labels = load_array(args.image), load_array(args.labels, name="labels")
     out_dir = Path(args.output_dir)
+    names = ["labels.tif", "model.pt", "views.png", "summary.json"] + (["image.tif", "annotations.tif"] if args.sample else [])
+    inputs = [args.image, args.labels, args.init]
+    for name in names:  # refuse before training, not after
+        _check_target(out_dir / name, args.overwrite, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = _Progress(args.quiet)
     res = run(run_target if run_target is not None else image, labels, progress=progress, **kwargs)
     progress.close()
-    save_array(out_dir / "labels.tif", res.labels)
+    save_array(out_dir / "labels.tif", res.labels, overwrite=args.overwrite, inputs=inputs)
     res.save(out_dir / "model.pt")
     if args.sample:
-        save_array(out_dir / "image.tif", image)
-        save_array(out_dir / "annotations.tif", labels)
+        save_array(out_dir / "image.tif", image, overwrite=args.overwrite)
+        save_array(out_dir / "annotations.tif", labels, overwrite=args.overwrite)
     view_image = image if args.channel_axis is None else np.take(np.asarray(image), 0, axis=args.channel_axis)
     save_orthogonal_views(out_dir / "views.png", view_image, res.labels, annotated_slices=kwargs["annotated_slices"],
                           spacing=args.spacing)

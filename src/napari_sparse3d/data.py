@@ -8,6 +8,7 @@ argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,40 @@ def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
 
         node = zarr.open(str(p), mode="r")
         if isinstance(node, zarr.Array):
-            return node
+            return _complete(node, p, name)
         arrays = list(node.array_keys())
         if len(arrays) == 1:
-            return node[arrays[0]]
+            return _complete(node[arrays[0]], p, name)
         raise ValueError(
             f"{name}: {str(p)!r} is a zarr group with arrays {arrays}; give the path of one array (group/array)"
         )
     raise ValueError(f"{name}: unsupported file type {suffix!r} of {str(p)!r}; expected one of {ARRAY_SUFFIXES}")
+
+
+OUTPUT_ATTRIBUTE = "napari_sparse3d"  # {"complete": false} while a prediction writes the array
+
+
+def _complete(array: Any, path: Path, name: str) -> Any:
+    """``array``, unless it is the unfinished output of a prediction (unwritten chunks read as 0)."""
+    meta = dict(array.attrs).get(OUTPUT_ATTRIBUTE)
+    if isinstance(meta, dict) and meta.get("complete") is False:
+        raise ValueError(
+            f"{name}: {str(path)!r} is the incomplete output of an interrupted prediction: its unwritten chunks would"
+            " read as background (0). Predict again"
+        )
+    return array
+
+
+def is_zarr_array(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zarr (v2 or v3) array folder."""
+    p = Path(path)
+    try:
+        if (p / ".zarray").is_file():
+            return True
+        meta = p / "zarr.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _open_tiff(path: Path, name: str) -> Any:
@@ -141,24 +168,34 @@ class TiffPages:
         return np.stack(data)
 
 
-def save_array(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write an array as tif, npy or zarr, chosen by the suffix."""
+def save_array(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
+    """Write an array as tif, npy or zarr, chosen by the suffix; it appears only once complete.
+
+    An existing file is replaced only with ``overwrite`` and only by one of the same
+    kind; never one of ``inputs``.
+    """
+    from .files import check_output_path, write_aside
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     suffix = p.suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        tifffile.imwrite(p, np.asarray(array), compression="zlib")
-    elif suffix == ".npy":
-        np.save(p, np.asarray(array))
-    elif suffix == ".zarr":
-        import zarr
-
-        z = zarr.create_array(str(p), shape=array.shape, dtype=array.dtype, chunks=_chunks(array.shape), overwrite=True)
-        z[...] = array
-    else:
+    if suffix not in ARRAY_SUFFIXES:
         raise ValueError(f"output path {str(p)!r}: unsupported suffix {suffix!r}; expected one of {ARRAY_SUFFIXES}")
+    same_kind = is_zarr_array if suffix == ".zarr" else (lambda q: q.is_file() and q.suffix.lower() == suffix)
+    check_output_path(p, name="output path", overwrite=overwrite, inputs=inputs, is_replaceable=same_kind, what=f"{suffix} array")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with write_aside(p) as tmp:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, np.asarray(array), compression="zlib")
+        elif suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(array))
+        else:
+            import zarr
+
+            z = zarr.create_array(str(tmp), shape=array.shape, dtype=array.dtype, chunks=_chunks(array.shape))
+            z[...] = array
     return p
 
 

@@ -17,13 +17,27 @@ manifest in one ``os.replace``; only after that are the old versions deleted.
 A process killed at any instant therefore leaves a manifest that names complete
 data: the state of the last save that returned.  A failed write (full or
 read-only disk) raises :class:`ProjectWriteError` and leaves the previous state.
+New versions are flushed to disk (files and folders) before the manifest names them.
+
+A project may come from someone else, so it is untrusted input: the manifest is
+checked against a schema on open (types, ranges, version names of the expected
+pattern that resolve inside the project folder, no symbolic links), and only
+paths of the project's own naming pattern inside it are ever deleted.
+
+One writer at a time: ``Project.open(path, writable=True)`` (and ``create``) take
+an exclusive lock (see :class:`napari_sparse3d.files.WriterLock`); a second writer
+gets :class:`ProjectLockedError`.  Read-only opens take no lock and never delete
+anything.  Each commit also checks that the manifest on disk is still the one it
+read, so a writer that bypassed the lock cannot make another lose a save.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -34,8 +48,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .data import _chunks
+from .files import LockedError, WriterLock, check_output_path, fsync_dir, fsync_tree, replace_with
 
-__all__ = ["Project", "ProjectWriteError", "CheckpointSaver", "is_project", "image_hash", "PROJECT_FORMAT_VERSION"]
+__all__ = [
+    "Project",
+    "ProjectWriteError",
+    "ProjectLockedError",
+    "CheckpointSaver",
+    "is_project",
+    "image_hash",
+    "validate_manifest",
+    "PROJECT_FORMAT_VERSION",
+]
 
 PROJECT_FORMAT = "napari-sparse3d-project"
 PROJECT_FORMAT_VERSION = 1
@@ -44,6 +68,142 @@ MANIFEST = "sparse3d.json"
 
 class ProjectWriteError(OSError):
     """A project could not be written; its previous state is intact."""
+
+
+class ProjectLockedError(LockedError):
+    """The project is open for writing elsewhere (another process, or another viewer)."""
+
+
+# the names a project gives its versions; nothing else is ever read as a version or deleted
+ARRAY_KINDS = ("annotations", "prediction", "probabilities")
+_ARRAY_NAME = re.compile(r"^(annotations|prediction|probabilities)-(\d{6,})$")
+_CHECKPOINT_NAME = re.compile(r"^checkpoints/(latest|best)-(\d{6,})\.pt$")
+# a checkpoint file, or the leftover of a killed write (old ``.pt.tmp``, now ``.latest-….pt.partial-<hex>``)
+_CHECKPOINT_FILE = re.compile(r"^((latest|best)-\d{6,}\.pt(\.tmp)?|\.(latest|best)-\d{6,}\.pt\.partial-[0-9a-f]{12})$")
+_CURRENT_KEYS = {
+    "annotations": _ARRAY_NAME,
+    "prediction": _ARRAY_NAME,
+    "probabilities": _ARRAY_NAME,
+    "checkpoint_latest": _CHECKPOINT_NAME,
+    "checkpoint_best": _CHECKPOINT_NAME,
+}
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _no_links(root: Path, relative: str) -> bool:
+    """Whether no component of ``root / relative`` below ``root`` is a symbolic link."""
+    p = root
+    for part in Path(relative).parts:
+        p = p / part
+        if p.is_symlink():
+            return False
+    return True
+
+
+def _safe_version(root: Path, name: str) -> bool:
+    """A name of the project's own pattern that stays inside the project, through no link."""
+    if not isinstance(name, str) or not (_ARRAY_NAME.match(name) or _CHECKPOINT_NAME.match(name)):
+        return False
+    return _no_links(root, name) and (root / name).resolve().parent in {root.resolve(), (root / "checkpoints").resolve()}
+
+
+def validate_manifest(manifest: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Check a manifest read from ``path`` (untrusted) and return it; ``ValueError`` names the file and field."""
+    root = Path(path)
+    where = str(root / MANIFEST)
+
+    def fail(field: str, expected: str, got: Any) -> ValueError:
+        shown = repr(got)
+        return ValueError(f"{where}: field {field!r} must be {expected}, got {shown[:120]}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: the manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != PROJECT_FORMAT:
+        raise ValueError(f"path: {str(root)!r} is not a napari-sparse3d project (format {manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if not is_int(version) or version < 1:
+        raise fail("format_version", "a positive integer", version)
+    if version > PROJECT_FORMAT_VERSION:
+        raise ValueError(
+            f"path: {str(root)!r} was written by a newer napari-sparse3d (project format {version}, this"
+            f" version reads up to {PROJECT_FORMAT_VERSION}); upgrade napari-sparse3d"
+        )
+    shape = manifest.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(s) and 0 < s < 2**31 for s in shape)):
+        raise fail("shape", "a list of three positive integers", shape)
+    image = manifest.get("image")
+    if not isinstance(image, dict):
+        raise fail("image", "an object with path, hash, shape and dtype", image)
+    if image.get("path") is not None and not isinstance(image.get("path"), str):
+        raise fail("image.path", "null or a string", image.get("path"))
+    if not (isinstance(image.get("hash"), str) and _HASH.match(image["hash"])):
+        raise fail("image.hash", "a SHA-256 hex digest", image.get("hash"))
+    ishape = image.get("shape")
+    if not (isinstance(ishape, list) and 3 <= len(ishape) <= 4 and all(is_int(s) and s > 0 for s in ishape)):
+        raise fail("image.shape", "a list of 3 or 4 positive integers", ishape)
+    try:
+        if np.dtype(image.get("dtype")).kind not in "biuf":
+            raise TypeError
+    except TypeError:
+        raise fail("image.dtype", "a numeric dtype name", image.get("dtype")) from None
+    spacing = manifest.get("spacing")
+    if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3 and all(is_number(s) and s > 0 for s in spacing)):
+        raise fail("spacing", "null or three positive numbers", spacing)
+    if manifest.get("config") is not None and not isinstance(manifest.get("config"), str):
+        raise fail("config", "null or a JSON string", manifest.get("config"))
+    slices = manifest.get("annotated_slices")
+    if not isinstance(slices, dict):
+        raise fail("annotated_slices", "an object {axis: [indices]}", slices)
+    for axis, indices in slices.items():
+        if axis not in ("0", "1", "2"):
+            raise fail("annotated_slices", "keyed by axis 0, 1 or 2", axis)
+        if not (isinstance(indices, list) and all(is_int(i) and 0 <= i < shape[int(axis)] for i in indices)):
+            raise fail(f"annotated_slices.{axis}", f"a list of slice indices in [0, {shape[int(axis)]})", indices)
+    counter = manifest.get("counter")
+    if not is_int(counter) or counter < 0:
+        raise fail("counter", "a non-negative integer", counter)
+    current = manifest.get("current")
+    if not isinstance(current, dict):
+        raise fail("current", "an object naming the current versions", current)
+    for key, name in current.items():
+        pattern = _CURRENT_KEYS.get(key)
+        if pattern is None:
+            raise fail("current", f"keyed by {sorted(_CURRENT_KEYS)}", key)
+        match = pattern.match(name) if isinstance(name, str) else None
+        if match is None or (key in ARRAY_KINDS and match.group(1) != key):
+            raise fail(f"current.{key}", f"a version name like {'checkpoints/latest-000001.pt' if key.startswith('checkpoint') else key + '-000001'}", name)
+        if not _safe_version(root, name):
+            raise fail(f"current.{key}", "a version inside the project folder, not a symbolic link", name)
+        if int(match.group(2)) > counter:
+            raise fail("counter", f"at least the number of every current version ({name})", counter)
+    if image.get("path") is None and not _no_links(root, "image"):
+        raise fail("image", "stored in the project (image/ may not be a symbolic link)", "image -> link")
+    history = manifest.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise fail("history", "a list of objects", history)
+    for field in ("best_loss",):
+        if manifest.get(field) is not None and not is_number(manifest[field]):
+            raise fail(field, "a finite number", manifest[field])
+    if manifest.get("revision") is not None and not (is_int(manifest["revision"]) and manifest["revision"] >= 0):
+        raise fail("revision", "a non-negative integer", manifest["revision"])
+    return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise ValueError(f"path: {str(path)!r} is not a napari-sparse3d project (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"path: the manifest of {str(path)!r} is unreadable ({exc})") from exc
+    return validate_manifest(manifest, path)
 
 
 def is_project(path: Any) -> bool:
@@ -88,19 +248,47 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-class Project:
-    """Open with :meth:`Project.open`, make with :meth:`Project.create`."""
+def _take_lock(path: Path) -> WriterLock:
+    try:
+        return WriterLock(path)
+    except LockedError as exc:
+        raise ProjectLockedError(f"project {exc}") from None
+    except OSError as exc:
+        raise ProjectWriteError(exc.errno, f"could not lock the project {str(path)!r} for writing: {exc.strerror or exc}") from exc
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+
+class Project:
+    """Open with :meth:`Project.open`, make with :meth:`Project.create`; ``close()`` (or ``with``) when done."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], *, writer_lock: WriterLock | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self._writer_lock = writer_lock
         # the GUI saves annotations on its thread and checkpoints on the training thread
         self.lock = threading.RLock()
+
+    @property
+    def writable(self) -> bool:
+        return self._writer_lock is not None and self._writer_lock.held
+
+    def close(self) -> None:
+        """Release the writer lock (a read-only project has none); the object then reads only."""
+        with self.lock:
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+                self._writer_lock = None
+
+    def __enter__(self) -> "Project":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -116,22 +304,33 @@ class Project:
         image_path: str | os.PathLike | None = None,
         overwrite: bool = False,
     ) -> "Project":
-        """A new project for ``image`` (copied in, or referenced by ``image_path`` with its hash)."""
+        """A new project for ``image`` (copied in, or referenced by ``image_path`` with its hash), open for writing.
+
+        ``path`` must not exist or be an empty folder; with ``overwrite`` an earlier
+        *project* there is replaced (never any other folder, nor the image's file), and
+        only once the new one is complete.
+        """
         from .data import as_volume, check_spacing
 
         path = Path(path)
-        if path.exists() and not overwrite:
-            if any(path.iterdir()):
-                raise ValueError(f"path: {str(path)!r} already exists and is not empty; open it with Project.open")
+        check_output_path(
+            path,
+            name="path",
+            overwrite=overwrite,
+            inputs=[image_path] if image_path is not None else [],
+            is_replaceable=is_project,
+            what="napari-sparse3d project",
+        )
         volume = as_volume(image)
         spacing = check_spacing(spacing)
         shape = volume.spatial_shape
+        replacing = path.exists() and any(path.iterdir())
+        old_lock = _take_lock(path) if replacing else None  # do not replace a project someone writes into
+        target = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:12]}") if replacing else path
         try:
             import zarr
 
-            if path.exists() and overwrite:
-                shutil.rmtree(path)
-            group = zarr.open_group(str(path), mode="w", zarr_format=3)
+            group = zarr.open_group(str(target), mode="w", zarr_format=3)
             group.attrs.update({"format": PROJECT_FORMAT, "format_version": PROJECT_FORMAT_VERSION})
             array = np.asarray(image) if image_path is None else image
             manifest: dict[str, Any] = {
@@ -151,15 +350,25 @@ class Project:
                 "annotated_slices": {},
                 "current": {},
                 "counter": 0,
+                "revision": 0,
                 "history": [],
             }
             if image_path is None:
                 stored = group.create_array("image", shape=array.shape, dtype=array.dtype, chunks=_chunks(array.shape))
                 stored[...] = array
-            _write_json_atomic(path / MANIFEST, manifest)
+            fsync_tree(target)
+            _write_json_atomic(target / MANIFEST, manifest)
+            if replacing:
+                old_lock.release()  # type: ignore[union-attr]
+                replace_with(target, path)
         except OSError as exc:
+            if replacing and target.exists():
+                shutil.rmtree(target, ignore_errors=True)
             raise ProjectWriteError(exc.errno, f"could not create the project {str(path)!r}: {exc.strerror or exc}") from exc
-        project = cls(path, manifest)
+        finally:
+            if old_lock is not None:
+                old_lock.release()
+        project = cls(path, manifest, writer_lock=_take_lock(path))
         if config is not None:
             project.save_config(config)
         if labels is not None:
@@ -167,28 +376,28 @@ class Project:
         return project
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, check_image: bool = True) -> "Project":
-        """Open a project; with ``check_image`` a referenced image must still have its saved hash."""
+    def open(cls, path: str | os.PathLike, *, writable: bool = False, check_image: bool = True) -> "Project":
+        """Open a project, read-only unless ``writable``.
+
+        A writable project holds the project's writer lock until :meth:`close` and
+        collects the leftovers of killed saves; with ``check_image`` a referenced
+        image must still have its saved hash.
+        """
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise ValueError(f"path: {str(path)!r} is not a napari-sparse3d project (no {MANIFEST})")
+        manifest = _read_manifest(path)
+        lock = _take_lock(path) if writable else None
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"path: the manifest of {str(path)!r} is unreadable ({exc})") from exc
-        if manifest.get("format") != PROJECT_FORMAT:
-            raise ValueError(f"path: {str(path)!r} is not a napari-sparse3d project (format {manifest.get('format')!r})")
-        version = int(manifest.get("format_version", 0))
-        if version > PROJECT_FORMAT_VERSION:
-            raise ValueError(
-                f"path: {str(path)!r} was written by a newer napari-sparse3d (project format {version}, this"
-                f" version reads up to {PROJECT_FORMAT_VERSION}); upgrade napari-sparse3d"
-            )
-        project = cls(path, manifest)
-        project._collect_garbage()
-        if check_image:
-            project.image()
+            if lock is not None:
+                manifest = _read_manifest(path)  # what the previous writer left, now that it has gone
+            project = cls(path, manifest, writer_lock=lock)
+            if writable:
+                project._collect_garbage()
+            if check_image:
+                project.image()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         return project
 
     # -- reading ----------------------------------------------------------------------
@@ -215,27 +424,39 @@ class Project:
         if ref.get("path") is None:
             import zarr
 
-            return zarr.open_array(str(self.path / "image"), mode="r")
-        from .data import load_array
+            array = zarr.open_array(str(self.path / "image"), mode="r")
+        else:
+            from .data import load_array
 
-        source = ref["path"]
-        if not Path(source).exists():
-            raise ValueError(f"image: the project's image {source!r} is missing; move it back or pass image=")
-        array = load_array(source, name="image")
-        if image_hash(array) != ref["hash"]:
-            raise ValueError(
-                f"image: {source!r} changed since the project was saved (content hash differs); the annotations"
-                " may no longer fit it. Restore the original file or make a new project"
-            )
+            source = ref["path"]
+            if not Path(source).exists():
+                raise ValueError(f"image: the project's image {source!r} is missing; move it back or pass image=")
+            array = load_array(source, name="image")
+            if image_hash(array) != ref["hash"]:
+                raise ValueError(
+                    f"image: {source!r} changed since the project was saved (content hash differs); the annotations"
+                    " may no longer fit it. Restore the original file or make a new project"
+                )
+        if list(array.shape) != ref["shape"]:
+            raise ValueError(f"{str(self.path / MANIFEST)}: the image has shape {tuple(array.shape)}, the manifest says {tuple(ref['shape'])}")
         return array
 
     def _array(self, kind: str) -> Any:
         name = self.manifest["current"].get(kind)
         if name is None:
             return None
+        if not _safe_version(self.path, name):  # checked on open; the folder may have changed since
+            raise ValueError(f"{str(self.path / MANIFEST)}: version {name!r} is not inside the project folder")
         import zarr
 
-        return zarr.open_array(str(self.path / name), mode="r")
+        try:
+            array = zarr.open_array(str(self.path / name), mode="r")
+        except Exception as exc:  # a missing or foreign array
+            raise ValueError(f"{str(self.path)!r}: the {kind} version {name!r} is missing or unreadable ({exc})") from exc
+        expected = self.shape if kind != "probabilities" else None
+        if expected is not None and tuple(array.shape) != expected:
+            raise ValueError(f"{str(self.path)!r}: the {kind} version {name!r} has shape {tuple(array.shape)}, not {expected}")
+        return array
 
     def annotations(self) -> tuple[np.ndarray, dict[int, list[int]]]:
         """``(labels, annotated_slices)`` as last saved (zeros and {} when nothing was saved)."""
@@ -255,22 +476,51 @@ class Project:
         from .config import Config
 
         text = self.manifest.get("config")
-        return None if text is None else Config.from_json(text)
+        if text is None:
+            return None
+        try:
+            return Config.from_json(text)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{str(self.path / MANIFEST)}: field 'config' is not a valid configuration ({exc})") from exc
 
     def checkpoint(self, which: str = "latest") -> Path | None:
         """Path of the ``"latest"`` or ``"best"`` checkpoint, or None."""
         name = self.manifest["current"].get(f"checkpoint_{which}")
-        return None if name is None else self.path / name
+        if name is None:
+            return None
+        if not _safe_version(self.path, name):
+            raise ValueError(f"{str(self.path / MANIFEST)}: checkpoint {name!r} is not inside the project folder")
+        return self.path / name
 
     # -- writing ----------------------------------------------------------------------
+    def _check_writable(self, what: str) -> None:
+        if not self.writable:
+            raise ProjectWriteError(
+                0, f"could not save the {what}: the project {str(self.path)!r} is open read-only (Project.open(..., writable=True))"
+            )
+
     def _commit(self, changes: Mapping[str, Any], new: Mapping[str, str] = {}) -> None:
         """Replace the manifest with ``changes`` applied; ``new`` names the versions just written."""
+        try:
+            on_disk = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise ProjectWriteError(0, f"the manifest of {str(self.path)!r} is unreadable ({exc})") from exc
+        if not isinstance(on_disk, dict) or on_disk.get("revision") != self.manifest.get("revision"):
+            raise ProjectWriteError(
+                0,
+                f"the project {str(self.path)!r} was changed on disk by another writer (revision"
+                f" {on_disk.get('revision') if isinstance(on_disk, dict) else '?'}, expected {self.manifest.get('revision')});"
+                " reopen it",
+            )
         manifest = json.loads(json.dumps(self.manifest))
         manifest.update({k: v for k, v in changes.items() if k != "current"})
         manifest["current"].update(new)
         manifest["versions"] = _versions()
         manifest["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        manifest["revision"] = int(manifest.get("revision") or 0) + 1
         old = {k: self.manifest["current"].get(k) for k in new}
+        for name in new.values():  # durable before named
+            fsync_tree(self.path / name)
         _write_json_atomic(self.path / MANIFEST, manifest)
         self.manifest = manifest
         for name in old.values():
@@ -278,29 +528,50 @@ class Project:
                 self._remove(name)
 
     def _remove(self, name: str) -> None:
+        """Delete a version of this project: only a name of its own pattern, inside it, through no link."""
+        if not _safe_version(self.path, name) and not self._leftover(name):
+            return
         target = self.path / name
         try:
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
         except OSError:
-            pass  # left for the next open's garbage collection
+            pass  # left for the next writer's garbage collection
+
+    def _leftover(self, name: str) -> bool:
+        """A partial checkpoint file of a killed save (``checkpoints/latest-000012.pt.<tag>.tmp``)."""
+        folder, _, file = name.partition("/")
+        return (
+            folder == "checkpoints"
+            and bool(_CHECKPOINT_FILE.match(file))
+            and _no_links(self.path, name)
+            and (self.path / name).resolve().parent == (self.path / "checkpoints").resolve()
+        )
 
     def _collect_garbage(self) -> None:
-        """Delete versions no manifest names (left by a kill between write and commit)."""
+        """Delete versions no manifest names (left by a kill between write and commit); writers only."""
+        if not self.writable:
+            return
         current = set(self.manifest["current"].values())
-        for kind in ("annotations", "prediction", "probabilities"):
-            for entry in self.path.glob(f"{kind}-*"):
-                if entry.name not in current:
-                    self._remove(entry.name)
-        for entry in (self.path / "checkpoints").glob("*.pt*") if (self.path / "checkpoints").is_dir() else []:
-            if f"checkpoints/{entry.name}" not in current:
-                self._remove(f"checkpoints/{entry.name}")
+        for entry in self.path.iterdir():
+            if entry.name not in current and _ARRAY_NAME.match(entry.name) and not entry.is_symlink():
+                self._remove(entry.name)
+        folder = self.path / "checkpoints"
+        if folder.is_dir() and not folder.is_symlink():
+            for entry in folder.iterdir():
+                name = f"checkpoints/{entry.name}"
+                if name not in current and _CHECKPOINT_FILE.match(entry.name) and not entry.is_symlink():
+                    self._remove(name)
 
     def _next(self, kind: str) -> str:
-        self.manifest["counter"] = int(self.manifest.get("counter", 0)) + 1
-        return f"{kind}-{self.manifest['counter']:06d}"
+        while True:
+            self.manifest["counter"] = int(self.manifest.get("counter", 0)) + 1
+            number = f"{self.manifest['counter']:06d}"
+            names = [f"{kind}-{number}"] if kind in ARRAY_KINDS else [f"checkpoints/{w}-{number}.pt" for w in ("latest", "best")]
+            if not any((self.path / n).exists() or (self.path / n).is_symlink() for n in names):
+                return f"{kind}-{number}"
 
     def _write_array(self, kind: str, data: np.ndarray, what: str) -> str:
         import zarr
@@ -318,6 +589,7 @@ class Project:
     def save_annotations(self, labels: Any, annotated_slices: Mapping[int, Sequence[int]]) -> None:
         """Save the labels and the register of fully annotated slices together (one commit)."""
         with self.lock:
+            self._check_writable("annotations")
             from .data import _integer_labels, check_slices
 
             # work in progress may hold a single class: only what would corrupt the project is refused
@@ -345,6 +617,7 @@ class Project:
 
     def save_prediction(self, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         with self.lock:
+            self._check_writable("prediction")
             labels = np.asarray(labels)
             if labels.shape != self.shape:
                 raise ValueError(f"prediction must have the project's shape {self.shape}, got {labels.shape}")
@@ -355,6 +628,7 @@ class Project:
 
     def save_config(self, config: Any) -> None:
         with self.lock:
+            self._check_writable("configuration")
             from .api import resolve_config
 
             self._guarded_commit({"config": resolve_config(config).to_json()}, {}, "configuration")
@@ -362,9 +636,13 @@ class Project:
     def save_checkpoint(self, model: Any, *, best: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
         """Save ``model`` as the latest checkpoint (and as the best one with ``best``); history follows it."""
         with self.lock:
+            self._check_writable("model")
             from .checkpoint import save_checkpoint, thin_history
 
             info = model.sparse3d
+            folder = self.path / "checkpoints"
+            if folder.is_symlink():
+                raise ProjectWriteError(0, f"could not save the model: {str(folder)!r} is a symbolic link")
             name = f"checkpoints/latest-{self._next('c')[2:]}.pt"
             new = {"checkpoint_latest": name}
             try:
