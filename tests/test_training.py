@@ -1,6 +1,8 @@
 """Trainer: steps that cannot poison the model, back-off, and what a checkpoint carries on."""
 
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +235,41 @@ def test_no_step_starts_past_a_time_budget(small_volume, tiny_config):
     reports = list(_trainer(small_volume, tiny_config).steps(max_seconds=1.0))
     assert reports and reports[-1].elapsed - reports[-1].step_seconds <= 1.0
     assert [r.iteration for r in reports] == list(range(1, len(reports) + 1))
+
+
+def test_a_snapshot_from_another_thread_holds_the_weights_of_one_finished_step(small_volume, tiny_config):
+    """What "Save model" in napari reads while the worker trains: never a mix of two steps."""
+    import threading
+
+    from napari_sparse3d.checkpoint import load_checkpoint, save_checkpoint
+
+    trainer = _trainer(small_volume, tiny_config)
+
+    def fingerprint(model):
+        return tuple(round(float(p.detach().double().sum()), 9) for p in model.parameters())
+
+    per_step = {}
+    done = threading.Event()
+
+    def train():
+        for report in trainer.steps(max_iterations=40):
+            with trainer.weights_lock:  # the state the step left, as the loop left it
+                per_step[report.iteration] = fingerprint(trainer.model)
+        done.set()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    snapshots = []
+    while not done.is_set():
+        snapshots.append(trainer.snapshot())
+    worker.join()
+    assert len(snapshots) > 5
+    path = None
+    for k, snap in enumerate(snapshots):
+        iteration = len(snap.sparse3d.history)
+        if iteration == 0:
+            continue
+        # the copy's weights are those of exactly the step its history ends with
+        assert fingerprint(snap) == per_step[iteration], k
+        path = save_checkpoint(snap, Path(tempfile.mkdtemp()) / "snap.pt")
+    assert path is not None and fingerprint(load_checkpoint(path)) in per_step.values()

@@ -321,6 +321,12 @@ def test_project_round_trip_headless_napari_headless(make_napari_viewer, qtbot, 
         assert torch.equal(a, b.cpu()), name
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before_model.state_dict().values()))
     np.testing.assert_array_equal(after.prediction(), state.prediction_layer.data)
+    # one writer at a time: the console cannot train into the project napari holds ...
+    with pytest.raises(OSError, match="already open for writing"):
+        napari_sparse3d.run(str(path), max_iterations=1, device="cpu")
+    # ... until napari closes it
+    viewer.close()
+    qtbot.waitUntil(lambda: state.project is None, timeout=5000)
     res = napari_sparse3d.run(str(path), max_iterations=1, device="cpu")
     assert [r.iteration for r in res.history] == [6]
 

@@ -14,8 +14,8 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout
 
-from ._dock import DockWidget, add_layer_like, layer_choices, layer_combo
-from ._state import METADATA_KEY
+from ._dock import DockWidget, _on_close, add_layer_like, layer_choices, layer_combo
+from ._state import METADATA_KEY, watch_edits as _watch
 from .session import AXIS_NAMES, label_counts, next_even_slice, uncertain_slices
 
 __all__ = ["AnnotationWidget"]
@@ -43,7 +43,9 @@ class AnnotationWidget(DockWidget):
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
         self._autosave.timeout.connect(self.save_project)
+        self._pending: set[str] = set()  # what the next autosave writes: "annotations", "prediction"
         self._watched: Any = None
+        self._stop_watching: Any = None
         axes = Container(widgets=self.axis_buttons, layout="horizontal", labels=False)
         self.form = Container(
             widgets=[
@@ -77,6 +79,8 @@ class AnnotationWidget(DockWidget):
         self.viewer.dims.events.order.connect(self._refresh_info)
         self.viewer.dims.events.ndisplay.connect(self._refresh_info)
         self.state.on_change(self._refresh_all)
+        self.state.on_edit(self._schedule_save)
+        self._watch_close()
         self.bind_keys(
             [
                 ("Alt-N", self.next_slice),
@@ -121,43 +125,74 @@ class AnnotationWidget(DockWidget):
         self.state.changed()
 
     def _labels_chosen(self, layer: Any) -> None:
-        if self._watched is not None:
-            for event in (self._watched.events.paint, self._watched.events.data):
-                event.disconnect(self._schedule_save)
-                event.disconnect(self._refresh_all)
-        self.state.labels_layer = layer
+        state = self.state
+        if self._stop_watching is not None:
+            self._stop_watching()
+            self._stop_watching = None
+        if self._pending:
+            self.save_project()  # the previous layer's last edits go to its project first
+        state.labels_layer = layer
         self._watched = layer
+        # (no layer: the project's layer was removed, or napari is closing; the project stays
+        # attached for the final flush and the training job's last checkpoint)
+        if state.project is not None and layer is not None and layer is not state.project_layer:
+            # a project saves one layer: choosing another must not overwrite its annotations
+            name = getattr(state.project_layer, "name", "?")
+            show_info(f"Project {state.project.path.name} is saved from layer {name!r}; {getattr(layer, 'name', 'no layer')!r} is not saved into it.")
+            state.detach_project()
         if layer is not None:
-            for event in (layer.events.paint, layer.events.data):
-                event.connect(self._schedule_save)
-                event.connect(self._refresh_all)
-            self.state.register().on_change(self._schedule_save)  # type: ignore[union-attr]
+            self._stop_watching = _watch(layer, lambda: (self._schedule_save("annotations"), self._refresh_all()))
+            state.register().on_change(lambda: self._schedule_save("annotations"))  # type: ignore[union-attr]
             path = (layer.metadata.get(METADATA_KEY) or {}).get("project")
-            if path and (self.state.project is None or str(self.state.project.path.resolve()) != path):
+            if path and state.project is None:
                 try:
-                    self.state.attach_project(path)
+                    state.attach_project(path)
                 except (OSError, ValueError) as exc:
-                    show_error(f"Could not open the project {path}: {exc}")
-        self.state.changed()
+                    show_error(f"Could not open the project {path} for saving: {exc}")
+        state.changed()
 
     # -- projects ---------------------------------------------------------------------------
-    def _schedule_save(self, *_: Any) -> None:
+    def _schedule_save(self, kind: str = "annotations") -> None:
         if self.state.project is not None:
+            self._pending.add(kind)
             self._autosave.start(self.autosave_delay_ms)  # restarts: saves once edits pause
 
     def save_project(self) -> bool:
-        """Write the annotations and the register into the project now (autosave calls this)."""
+        """Write what changed (annotations and register, corrected prediction) into the project now.
+
+        The autosave calls this once edits pause, and so do choosing another layer and
+        closing the viewer.
+        """
         self._autosave.stop()
         state = self.state
-        if state.project is None or state.labels_layer is None:
+        pending, self._pending = self._pending or {"annotations"}, set()
+        if state.project is None:
             return False
         try:
-            state.project.save_annotations(np.asarray(state.labels_layer.data), state.register().as_dict())
+            if "annotations" in pending and state.project_layer is not None:
+                register = state.register(state.project_layer)
+                state.project.save_annotations(np.asarray(state.project_layer.data), register.as_dict())  # type: ignore[union-attr]
+            if "prediction" in pending and state.prediction_layer is not None and state.prediction_layer.data.shape == state.project.shape:
+                state.project.save_prediction(np.asarray(state.prediction_layer.data))
         except (OSError, ValueError) as exc:
-            show_error(f"Annotations NOT saved to {state.project.path}: {exc}")
+            self._pending |= pending  # tried again with the next edit or on close
+            show_error(f"NOT saved to {state.project.path}: {exc}")
             return False
         self.project_info.value = f"project: {state.project.path.name} · saved {time.strftime('%H:%M:%S')}"
         return True
+
+    def _watch_close(self) -> None:
+        """Flush unsaved edits and release the project when the viewer's window closes."""
+        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            _on_close(window, self._viewer_closing)
+
+    def _viewer_closing(self) -> None:
+        if self._pending or self._autosave.isActive():
+            self.save_project()
+        if self._stop_watching is not None:
+            self._stop_watching()
+            self._stop_watching = None
 
     def create_project(self, path: str | None) -> Any:
         """Make a project of the image, annotations, prediction and model, and autosave into it."""
@@ -179,13 +214,17 @@ class AnnotationWidget(DockWidget):
                 annotated_slices=state.register().as_dict(),  # type: ignore[union-attr]
                 spacing=state.spacing(),
             )
-            if state.model is not None:
-                project.save_checkpoint(state.model)
-            if state.prediction_layer is not None:
-                project.save_prediction(np.asarray(state.prediction_layer.data))
+            try:
+                if state.model is not None:
+                    project.save_checkpoint(state.model_snapshot())  # not torn by a training worker
+                if state.prediction_layer is not None:
+                    project.save_prediction(np.asarray(state.prediction_layer.data))
+            finally:
+                project.close()
         except (OSError, ValueError, TypeError) as exc:
             show_error(f"Could not create the project {path}: {exc}")
             return None
+        state.detach_project()
         state.attach_project(project.path)
         self.project_info.value = f"project: {project.path.name} · saved {time.strftime('%H:%M:%S')}"
         return state.project

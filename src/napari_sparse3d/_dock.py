@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from magicgui.widgets import ComboBox
+from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QWidget
 
 from ._state import state_for
 
 __all__ = ["DockWidget", "layer_combo", "layer_choices", "add_layer_like"]
+
 
 
 def layer_choices(viewer: Any, kind: type) -> list[Any]:
@@ -31,6 +33,34 @@ def add_layer_like(viewer: Any, like: Any, data: Any, kind: str = "labels", **kw
     return add(data, scale=tuple(like.scale[-3:]), translate=tuple(like.translate[-3:]), **kwargs)
 
 
+class _CloseWatcher(QObject):
+    """Runs callbacks when its window receives a close event (before napari tears it down)."""
+
+    def __init__(self, window: Any) -> None:
+        super().__init__(window)
+        self.callbacks: list[Callable[[], Any]] = []
+        window.installEventFilter(self)
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.Close:
+            for callback in list(self.callbacks):
+                try:
+                    callback()
+                except Exception as exc:  # noqa: BLE001 - one failure must not stop the others or the close
+                    import warnings
+
+                    warnings.warn(f"napari-sparse3d: while closing: {exc}", RuntimeWarning, stacklevel=1)
+        return False  # the window closes as usual
+
+
+def _on_close(window: Any, callback: Callable[[], Any]) -> None:
+    """Call ``callback`` (synchronously) when ``window`` is asked to close: flush what must not be lost."""
+    watcher = window.findChild(_CloseWatcher)
+    if watcher is None:
+        watcher = _CloseWatcher(window)
+    watcher.callbacks.append(callback)
+
+
 class DockWidget(QWidget):
     """Base of the plugin's docks: the real viewer, its shared state, key bindings, layer-list updates."""
 
@@ -42,6 +72,11 @@ class DockWidget(QWidget):
         self.state = state_for(napari_viewer)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.reset_choices)
+        window = getattr(getattr(napari_viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            # what the plugin holds for this viewer (project lock, trainer, model) goes with its window
+            state = self.state
+            window.destroyed.connect(lambda *_: state.release())
 
     def reset_choices(self, *_: Any) -> None:
         """Refresh the layer menus (called when layers are added or removed)."""

@@ -10,13 +10,14 @@ it, and the current model.  The register of a layer is mirrored into
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .session import SliceRegister
 
-__all__ = ["LoopState", "state_for", "METADATA_KEY"]
+__all__ = ["LoopState", "state_for", "watch_edits", "METADATA_KEY"]
 
 METADATA_KEY = "napari_sparse3d"
 
@@ -32,9 +33,42 @@ def state_for(viewer: Any) -> "LoopState":
         return state
 
 
+def watch_edits(layer: Any, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` after every change of a Labels layer's data; returns the function that stops it.
+
+    Painting, filling and erasing emit ``paint``; replacing the data emits ``data``.
+    napari's undo and redo emit neither (they only refresh the view), so the layer's
+    ``undo``/``redo`` are wrapped for as long as the watch lasts.
+    """
+    connections = [(layer.events.paint, lambda *_: callback()), (layer.events.data, lambda *_: callback())]
+    for event, handler in connections:
+        event.connect(handler)
+    wrapped = {}
+    for name in ("undo", "redo"):
+        original = getattr(layer, name)
+
+        def replay(original: Callable[[], Any] = original) -> Any:
+            result = original()
+            callback()
+            return result
+
+        wrapped[name] = replay
+        setattr(layer, name, replay)
+
+    def stop() -> None:
+        for event, handler in connections:
+            event.disconnect(handler)
+        for name, replay in wrapped.items():
+            if layer.__dict__.get(name) is replay:
+                del layer.__dict__[name]  # back to the class's method
+
+    return stop
+
+
 class LoopState:
     def __init__(self, viewer: Any) -> None:
-        self.viewer = viewer
+        # a weak reference: the shared state must not keep a closed viewer (and its layers) alive
+        self._viewer = weakref.ref(viewer)
         self.image_layer: Any = None
         self.labels_layer: Any = None
         self.prediction_layer: Any = None
@@ -48,7 +82,19 @@ class LoopState:
         self.corrected: dict[int, set[int]] = {0: set(), 1: set(), 2: set()}
         self._registers: dict[int, SliceRegister] = {}
         self._listeners: list[Callable[[], None]] = []
-        self.project: Any = None  # napari_sparse3d.project.Project the work is saved into
+        self._edit_listeners: list[Callable[[str], None]] = []
+        self.project: Any = None  # napari_sparse3d.project.Project the work is saved into (held for writing)
+        self.project_layer: Any = None  # the annotation layer whose data the project saves
+        self._stop_watching_prediction: Callable[[], None] | None = None
+        self.job_running = False  # a training or prediction worker runs (it may write the project)
+        self._release_after_job: list[Any] = []
+
+    @property
+    def viewer(self) -> Any:
+        viewer = self._viewer()
+        if viewer is None:
+            raise RuntimeError("the viewer of this napari-sparse3d state was closed")
+        return viewer
 
     # -- notification -----------------------------------------------------------------
     def on_change(self, callback: Callable[[], None]) -> None:
@@ -57,6 +103,21 @@ class LoopState:
     def changed(self) -> None:
         for callback in list(self._listeners):
             callback()
+
+    def on_edit(self, callback: Callable[[str], None]) -> None:
+        """``callback("annotations" | "prediction")`` after the plugin or the user changes that data."""
+        self._edit_listeners.append(callback)
+
+    def edited(self, kind: str) -> None:
+        for callback in list(self._edit_listeners):
+            callback(kind)
+
+    def model_snapshot(self) -> Any:
+        """The current model, copied under the trainer's lock when a worker may be training it."""
+        trainer = self.trainer
+        if trainer is not None and trainer.model is self.model:
+            return trainer.snapshot()
+        return self.model
 
     # -- layers -----------------------------------------------------------------------
     @property
@@ -96,17 +157,30 @@ class LoopState:
         """Use ``layer`` as the prediction layer: track the user's corrections in it."""
         if self.prediction_layer is layer:
             return
+        if self._stop_watching_prediction is not None:
+            self._stop_watching_prediction()
         self.prediction_layer = layer
         layer.events.paint.connect(lambda event: self.record_paint(event.value))
+        # corrections painted (or undone) on the prediction are saved like annotations
+        self._stop_watching_prediction = watch_edits(layer, lambda: self.edited("prediction"))
         self.reference = np.array(layer.data, copy=True)
         self.corrected = {0: set(), 1: set(), 2: set()}
 
     def attach_project(self, path: Any) -> Any:
-        """Save into (and resume from) the project at ``path``; adopts its prediction layer."""
+        """Save the chosen annotation layer into (and resume from) the project at ``path``.
+
+        The project is held for writing (another viewer or process gets a clear error)
+        until :meth:`detach_project`; its prediction layer is adopted.
+        """
         from .project import Project
 
-        project = Project.open(path, check_image=False)
+        if self.project is not None and Path(self.project.path).resolve() == Path(path).resolve():
+            project = self.project
+        else:
+            project = Project.open(path, writable=True, check_image=False)
+            self.detach_project()
         self.project = project
+        self.project_layer = self.labels_layer
         for layer in self.viewer.layers:
             meta = layer.metadata.get(METADATA_KEY) or {}
             if meta.get("role") == "prediction" and meta.get("project") == str(project.path.resolve()):
@@ -117,6 +191,51 @@ class LoopState:
             self.labels_layer.metadata[METADATA_KEY] = meta
         self.changed()
         return project
+
+    def detach_project(self) -> None:
+        """Stop saving into the project and release it for other writers.
+
+        While a job runs it may still write the project's checkpoints: the release
+        then waits for :meth:`job_finished`.
+        """
+        project, self.project, self.project_layer = self.project, None, None
+        if project is not None:
+            if self.job_running:
+                self._release_after_job.append(project)
+            else:
+                project.close()
+            self.changed()
+
+    def job_started(self) -> None:
+        self.job_running = True
+
+    def job_finished(self) -> None:
+        self.job_running = False
+        waiting, self._release_after_job = self._release_after_job, []
+        for project in waiting:
+            if project is not self.project:
+                project.close()
+
+    def release(self) -> None:
+        """Drop what a closed viewer's plugin held: the project lock, the trainer, the model."""
+        self.job_running = False
+        self.detach_project()
+        self.job_finished()
+        if self._stop_watching_prediction is not None:
+            self._stop_watching_prediction()
+            self._stop_watching_prediction = None
+        trainer, self.trainer, self.model = self.trainer, None, None
+        self.trainer_key = None
+        self.image_layer = self.labels_layer = self.prediction_layer = self.uncertainty_layer = None
+        self.uncertainty = self.reference = None
+        self._registers.clear()
+        self._listeners.clear()
+        self._edit_listeners.clear()
+        if trainer is not None and trainer.device.type == "cuda":
+            import torch
+
+            del trainer
+            torch.cuda.empty_cache()
 
     # -- where the user looks -----------------------------------------------------------
     def data_point(self) -> np.ndarray | None:

@@ -14,7 +14,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QProgressBar, QVBoxLayout
 
-from ._dock import DockWidget, add_layer_like, layer_combo
+from ._dock import DockWidget, _on_close, add_layer_like, layer_combo
 from ._loss_plot import LossPlot
 from ._settings import SettingsForm
 from ._state import METADATA_KEY
@@ -92,7 +92,30 @@ class TrainingWidget(DockWidget):
         self.load_button.clicked.connect(lambda: self.load_model(None))
         self.bind_keys([("Alt-T", lambda: self.start(warm=True)), ("Alt-S", self.stop), ("Alt-A", self.use_corrections)])
         self.state.on_change(self._show_corrections)
+        self._job_done = threading.Event()
+        self._job_done.set()
+        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            _on_close(window, self._viewer_closing)
         self._update_buttons()
+
+    #: Seconds napari waits, when its window closes mid-training, for the step in progress
+    #: to finish and the final checkpoint to be written into the project.
+    CLOSE_TIMEOUT = 60.0
+
+    def _viewer_closing(self) -> None:
+        """The window closes: stop the job; training ends with its final checkpoint in the project."""
+        if not self.running:
+            return
+        self.cancel_event.set()
+        self.stop_event.set()
+        if not self._job_done.wait(self.CLOSE_TIMEOUT):
+            show_warning(f"napari-sparse3d: the training job did not stop within {self.CLOSE_TIMEOUT:.0f} s")
+            return
+        # the window goes: its finished signal may never be handled, so let go of the job here
+        # (it holds the trainer, the model and the optimiser)
+        self.worker = None
+        self.backup = None
 
     def _show_corrections(self) -> None:
         found = {a: sorted(s) for a, s in self.state.corrected.items() if s}
@@ -195,17 +218,20 @@ class TrainingWidget(DockWidget):
             else:
                 trainer.update_annotations(labels, slices)
             yield ("trainer", trainer)
-            yield from training_job(
-                trainer,
-                max_seconds=max_seconds,
-                max_iterations=max_iterations,
-                stop=self.stop_event,
-                cancel=self.cancel_event,
-                view=lambda: self._view,
-                focus=lambda: self._focus,
-                preview_every=self.preview_every,
-                saver=None if project is None else CheckpointSaver(project, self.checkpoint_every),
-            )
+            try:
+                yield from training_job(
+                    trainer,
+                    max_seconds=max_seconds,
+                    max_iterations=max_iterations,
+                    stop=self.stop_event,
+                    cancel=self.cancel_event,
+                    view=lambda: self._view,
+                    focus=lambda: self._focus,
+                    preview_every=self.preview_every,
+                    saver=None if project is None else CheckpointSaver(project, self.checkpoint_every),
+                )
+            finally:
+                trainer = init = None  # the state keeps what it needs; the worker must not
 
         self._launch(job, key)
         return True
@@ -219,6 +245,8 @@ class TrainingWidget(DockWidget):
         self.phase = "starting"
         self._started = time.perf_counter()
 
+        done = self._job_done = threading.Event()
+
         def guarded():
             # errors travel as items: superqt drops the error and finished signals of a worker
             # whose work raised RuntimeError (it takes it for a deleted Qt object), and torch
@@ -227,6 +255,8 @@ class TrainingWidget(DockWidget):
                 yield from job()
             except Exception as exc:  # noqa: BLE001 - every failure must reach the user
                 yield ("error", exc)
+            finally:
+                done.set()  # the final checkpoint is written: closing napari may go on
 
         self.worker = create_worker(guarded, _ignore_errors=True)
         self.worker.yielded.connect(self._on_yield)
@@ -235,6 +265,7 @@ class TrainingWidget(DockWidget):
         self.viewer.dims.events.current_step.connect(self._remember_view)
         self.viewer.dims.events.ndisplay.connect(self._remember_view)
         self.viewer.dims.events.order.connect(self._remember_view)
+        self.state.job_started()
         self.worker.start()
         self._update_buttons()
 
@@ -397,6 +428,7 @@ class TrainingWidget(DockWidget):
         self.worker = None
         self.phase = "idle"
         self._target_layer = None
+        self.state.job_finished()
         self._update_buttons()
 
     # -- corrections ----------------------------------------------------------------------
@@ -430,6 +462,7 @@ class TrainingWidget(DockWidget):
         prediction = np.asarray(state.prediction_layer.data)
         accepted = accept_slices(_fit_dtype(labels_layer, prediction), prediction, state.register(), slices)
         labels_layer.refresh()
+        state.edited("annotations")  # in place, without a layer event (also when the slice was marked already)
         state.reset_corrections()
         show_info(f"{len(accepted)} slice(s) added to the annotations: " + ", ".join(f"{AXIS_NAMES[a]}={i}" for a, i in accepted))
         return accepted
@@ -446,7 +479,8 @@ class TrainingWidget(DockWidget):
         from .checkpoint import save_checkpoint
 
         try:
-            save_checkpoint(self.state.model, path)
+            # a copy taken between two optimiser steps: the worker may be training this model
+            save_checkpoint(self.state.model_snapshot(), path)
         except (OSError, ValueError) as exc:
             show_error(f"Could not save the model to {path}: {exc}")
             return None

@@ -12,6 +12,7 @@ just iterates it.
 
 from __future__ import annotations
 
+import copy
 import math
 import queue
 import threading
@@ -22,9 +23,10 @@ from typing import Any, Generator, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .augment import Augmenter
-from .checkpoint import HISTORY_LIMIT, ModelInfo, as_model, save_checkpoint, thin_history
+from .checkpoint import HISTORY_LIMIT, ModelInfo, as_model, thin_history
 from .config import Config, default_preset
 from .data import Annotations, Volume, check_budget, prepare_annotations
 from .devices import autocast, resolve_device, resolve_precision
@@ -137,6 +139,7 @@ class Trainer:
     ) -> None:
         self.volume = volume
         self.device = resolve_device(device)
+        self.weights_lock = threading.RLock()  # held while a step changes the weights (see snapshot)
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
@@ -261,8 +264,10 @@ class Trainer:
         if self._prefetcher is not None:
             self._prefetcher.invalidate()
 
-    def save(self, path: str) -> None:
-        save_checkpoint(self.model, path)
+    def snapshot(self) -> nn.Module:
+        """A copy of the model as of the last finished step (weights, history, optimiser state); any thread."""
+        with self.weights_lock:
+            return copy.deepcopy(self.model)
 
     def release(self) -> None:
         """Give cached GPU memory back (call when training stops)."""
@@ -296,7 +301,7 @@ class Trainer:
         return lr
 
     def _step(self, lr: float) -> float | None:
-        """One optimisation step; ``None`` when it was skipped (non-finite loss or gradient).
+        """Forward and backward of one step; ``None`` when it is skipped (non-finite loss or gradient).
 
         A skipped step leaves the weights and the optimiser's state (moments,
         step count) exactly as they were: the gradients are checked before
@@ -331,9 +336,7 @@ class Trainer:
             if self.scaler.is_enabled():
                 self.scaler.update()  # float16: a lower loss scale for the next step
             return None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return value
+        return value  # the update is applied by the loop, under weights_lock
 
     #: Consecutive skipped steps after which the learning rate is halved, after which
     #: the rest of the round runs in float32, and after which training gives up.
@@ -426,21 +429,27 @@ class Trainer:
                 self._back_off(consecutive)
                 continue
             consecutive = 0
-            done += 1
-            self.iteration += 1
-            report = TrainReport(
-                iteration=self.iteration,
-                loss=loss,
-                learning_rate=lr * self._lr_scale,
-                elapsed=time.perf_counter() - start,
-                step_seconds=step_seconds,
-                progress=min(1.0, max(progress, done / max_iterations if max_iterations else 0.0)),
-                skipped=skipped,
-            )
-            self.history.append(report.to_dict())
-            if len(self.history) > 2 * HISTORY_LIMIT:  # bounded memory over any number of steps
-                self.history[:] = thin_history(self.history)
-            self.model.sparse3d.optimizer_state = self.optimizer.state_dict()
+            # weights, iteration, history and optimiser state change together: a snapshot
+            # taken from another thread (the GUI's "Save model") sees one finished step
+            with self.weights_lock:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                done += 1
+                self.iteration += 1
+                report = TrainReport(
+                    iteration=self.iteration,
+                    loss=loss,
+                    learning_rate=lr * self._lr_scale,
+                    elapsed=time.perf_counter() - start,
+                    step_seconds=time.perf_counter() - t0,
+                    progress=min(1.0, max(progress, done / max_iterations if max_iterations else 0.0)),
+                    skipped=skipped,
+                )
+                self.history.append(report.to_dict())
+                if len(self.history) > 2 * HISTORY_LIMIT:  # bounded memory over any number of steps
+                    self.history[:] = thin_history(self.history)
+                self.model.sparse3d.optimizer_state = self.optimizer.state_dict()
+            step_seconds = report.step_seconds
             sent = yield report
             if sent is not None:
                 if isinstance(sent, tuple):
