@@ -263,7 +263,8 @@ class _Output:
     """
 
     def __init__(self, out: Any, shape: tuple[int, ...], class_values: list[int], *, overwrite: bool, inputs: Sequence[Any]) -> None:
-        from .data import OUTPUT_ATTRIBUTE, is_zarr_array
+        from .data import OUTPUT_ATTRIBUTE
+        from .files import is_zarr_array
 
         self.final: Path | None = None
         self.array: Any = None

@@ -255,13 +255,10 @@ def output_stems(images: Sequence[str]) -> list[str]:
 
 
 def _check_target(target: Path, overwrite: bool, inputs: Sequence[Any]) -> None:
-    from .data import is_zarr_array
     from .files import check_output_path
 
-    suffix = target.suffix.lower()
-    same_kind = is_zarr_array if suffix == ".zarr" else (lambda q: q.is_file() and q.suffix.lower() == suffix)
-    check_output_path(target, name="output", overwrite=overwrite, inputs=inputs, is_replaceable=same_kind,
-                      what=f"{suffix} output of napari-sparse3d")
+    check_output_path(target, name="output", overwrite=overwrite, inputs=inputs,
+                      what=f"{target.suffix.lower()} output of napari-sparse3d")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

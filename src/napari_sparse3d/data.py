@@ -8,7 +8,6 @@ argument, what was expected and what was given.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,18 +66,6 @@ def _complete(array: Any, path: Path, name: str) -> Any:
             " read as background (0). Predict again"
         )
     return array
-
-
-def is_zarr_array(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a zarr (v2 or v3) array folder."""
-    p = Path(path)
-    try:
-        if (p / ".zarray").is_file():
-            return True
-        meta = p / "zarr.json"
-        return meta.is_file() and json.loads(meta.read_text()).get("node_type") == "array"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _open_tiff(path: Path, name: str) -> Any:
@@ -180,8 +167,7 @@ def save_array(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool = 
     suffix = p.suffix.lower()
     if suffix not in ARRAY_SUFFIXES:
         raise ValueError(f"output path {str(p)!r}: unsupported suffix {suffix!r}; expected one of {ARRAY_SUFFIXES}")
-    same_kind = is_zarr_array if suffix == ".zarr" else (lambda q: q.is_file() and q.suffix.lower() == suffix)
-    check_output_path(p, name="output path", overwrite=overwrite, inputs=inputs, is_replaceable=same_kind, what=f"{suffix} array")
+    check_output_path(p, name="output path", overwrite=overwrite, inputs=inputs, what=f"{suffix} array")
     p.parent.mkdir(parents=True, exist_ok=True)
     with write_aside(p) as tmp:
         if suffix in (".tif", ".tiff"):

@@ -36,6 +36,8 @@ __all__ = [
     "WriterLock",
     "LockedError",
     "is_within",
+    "is_zarr_array",
+    "same_kind",
 ]
 
 
@@ -138,6 +140,25 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def is_zarr_array(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zarr (v2 or v3) array folder."""
+    p = Path(path)
+    try:
+        if (p / ".zarray").is_file():
+            return True
+        meta = p / "zarr.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def same_kind(path: Path) -> bool:
+    """What an output named ``path`` may replace: a zarr array for ``.zarr``, else a file of its suffix."""
+    if path.suffix.lower() == ".zarr":
+        return is_zarr_array(path)
+    return path.is_file() and not path.is_symlink()
+
+
 def check_output_path(
     path: str | os.PathLike,
     *,
@@ -150,8 +171,9 @@ def check_output_path(
     """Refuse an output path that would destroy something the user did not ask to replace.
 
     ``path`` may not exist yet, or be an empty folder; an existing target is replaced
-    only with ``overwrite`` and only when ``is_replaceable(path)`` says it is the kind
-    of thing being written.  It is never one of ``inputs`` nor inside or around one.
+    only with ``overwrite`` and only when ``is_replaceable(path)`` (default:
+    :func:`same_kind`) says it is the kind of thing being written.  It is never one of
+    ``inputs`` nor inside or around one.
     """
     p = Path(path)
     for source in inputs:
@@ -169,7 +191,7 @@ def check_output_path(
             f"{name}: {str(p)!r} already exists; refusing to replace it (pass overwrite=True, or --overwrite on the"
             f" command line, to replace an earlier {what})"
         )
-    if p.is_symlink() or (is_replaceable is not None and not is_replaceable(p)):
+    if p.is_symlink() or not (is_replaceable or same_kind)(p):
         raise ValueError(
             f"{name}: {str(p)!r} exists and is not an earlier {what}; refusing to replace it even with overwrite"
         )

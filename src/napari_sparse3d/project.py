@@ -19,7 +19,7 @@ data: the state of the last save that returned.  A failed write (full or
 read-only disk) raises :class:`ProjectWriteError` and leaves the previous state.
 New versions are flushed to disk (files and folders) before the manifest names them.
 
-A project may come from someone else, so it is untrusted input: the manifest is
+A project may come from someone else, so it is untrusted input (see :mod:`.manifest`): the manifest is
 checked against a schema on open (types, ranges, version names of the expected
 pattern that resolve inside the project folder, no symbolic links), and only
 paths of the project's own naming pattern inside it are ever deleted.
@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import threading
 import time
@@ -49,6 +47,18 @@ import numpy as np
 
 from .data import _chunks
 from .files import LockedError, WriterLock, check_output_path, fsync_dir, fsync_tree, replace_with
+from .manifest import (
+    _ARRAY_NAME,
+    _CHECKPOINT_FILE,
+    ARRAY_KINDS,
+    MANIFEST,
+    PROJECT_FORMAT,
+    PROJECT_FORMAT_VERSION,
+    no_links,
+    read_manifest,
+    safe_version,
+    validate_manifest,
+)
 
 __all__ = [
     "Project",
@@ -61,9 +71,6 @@ __all__ = [
     "PROJECT_FORMAT_VERSION",
 ]
 
-PROJECT_FORMAT = "napari-sparse3d-project"
-PROJECT_FORMAT_VERSION = 1
-MANIFEST = "sparse3d.json"
 
 
 class ProjectWriteError(OSError):
@@ -72,138 +79,6 @@ class ProjectWriteError(OSError):
 
 class ProjectLockedError(LockedError):
     """The project is open for writing elsewhere (another process, or another viewer)."""
-
-
-# the names a project gives its versions; nothing else is ever read as a version or deleted
-ARRAY_KINDS = ("annotations", "prediction", "probabilities")
-_ARRAY_NAME = re.compile(r"^(annotations|prediction|probabilities)-(\d{6,})$")
-_CHECKPOINT_NAME = re.compile(r"^checkpoints/(latest|best)-(\d{6,})\.pt$")
-# a checkpoint file, or the leftover of a killed write (old ``.pt.tmp``, now ``.latest-….pt.partial-<hex>``)
-_CHECKPOINT_FILE = re.compile(r"^((latest|best)-\d{6,}\.pt(\.tmp)?|\.(latest|best)-\d{6,}\.pt\.partial-[0-9a-f]{12})$")
-_CURRENT_KEYS = {
-    "annotations": _ARRAY_NAME,
-    "prediction": _ARRAY_NAME,
-    "probabilities": _ARRAY_NAME,
-    "checkpoint_latest": _CHECKPOINT_NAME,
-    "checkpoint_best": _CHECKPOINT_NAME,
-}
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _no_links(root: Path, relative: str) -> bool:
-    """Whether no component of ``root / relative`` below ``root`` is a symbolic link."""
-    p = root
-    for part in Path(relative).parts:
-        p = p / part
-        if p.is_symlink():
-            return False
-    return True
-
-
-def _safe_version(root: Path, name: str) -> bool:
-    """A name of the project's own pattern that stays inside the project, through no link."""
-    if not isinstance(name, str) or not (_ARRAY_NAME.match(name) or _CHECKPOINT_NAME.match(name)):
-        return False
-    return _no_links(root, name) and (root / name).resolve().parent in {root.resolve(), (root / "checkpoints").resolve()}
-
-
-def validate_manifest(manifest: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """Check a manifest read from ``path`` (untrusted) and return it; ``ValueError`` names the file and field."""
-    root = Path(path)
-    where = str(root / MANIFEST)
-
-    def fail(field: str, expected: str, got: Any) -> ValueError:
-        shown = repr(got)
-        return ValueError(f"{where}: field {field!r} must be {expected}, got {shown[:120]}")
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{where}: the manifest must be a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != PROJECT_FORMAT:
-        raise ValueError(f"path: {str(root)!r} is not a napari-sparse3d project (format {manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if not is_int(version) or version < 1:
-        raise fail("format_version", "a positive integer", version)
-    if version > PROJECT_FORMAT_VERSION:
-        raise ValueError(
-            f"path: {str(root)!r} was written by a newer napari-sparse3d (project format {version}, this"
-            f" version reads up to {PROJECT_FORMAT_VERSION}); upgrade napari-sparse3d"
-        )
-    shape = manifest.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(s) and 0 < s < 2**31 for s in shape)):
-        raise fail("shape", "a list of three positive integers", shape)
-    image = manifest.get("image")
-    if not isinstance(image, dict):
-        raise fail("image", "an object with path, hash, shape and dtype", image)
-    if image.get("path") is not None and not isinstance(image.get("path"), str):
-        raise fail("image.path", "null or a string", image.get("path"))
-    if not (isinstance(image.get("hash"), str) and _HASH.match(image["hash"])):
-        raise fail("image.hash", "a SHA-256 hex digest", image.get("hash"))
-    ishape = image.get("shape")
-    if not (isinstance(ishape, list) and 3 <= len(ishape) <= 4 and all(is_int(s) and s > 0 for s in ishape)):
-        raise fail("image.shape", "a list of 3 or 4 positive integers", ishape)
-    try:
-        if np.dtype(image.get("dtype")).kind not in "biuf":
-            raise TypeError
-    except TypeError:
-        raise fail("image.dtype", "a numeric dtype name", image.get("dtype")) from None
-    spacing = manifest.get("spacing")
-    if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3 and all(is_number(s) and s > 0 for s in spacing)):
-        raise fail("spacing", "null or three positive numbers", spacing)
-    if manifest.get("config") is not None and not isinstance(manifest.get("config"), str):
-        raise fail("config", "null or a JSON string", manifest.get("config"))
-    slices = manifest.get("annotated_slices")
-    if not isinstance(slices, dict):
-        raise fail("annotated_slices", "an object {axis: [indices]}", slices)
-    for axis, indices in slices.items():
-        if axis not in ("0", "1", "2"):
-            raise fail("annotated_slices", "keyed by axis 0, 1 or 2", axis)
-        if not (isinstance(indices, list) and all(is_int(i) and 0 <= i < shape[int(axis)] for i in indices)):
-            raise fail(f"annotated_slices.{axis}", f"a list of slice indices in [0, {shape[int(axis)]})", indices)
-    counter = manifest.get("counter")
-    if not is_int(counter) or counter < 0:
-        raise fail("counter", "a non-negative integer", counter)
-    current = manifest.get("current")
-    if not isinstance(current, dict):
-        raise fail("current", "an object naming the current versions", current)
-    for key, name in current.items():
-        pattern = _CURRENT_KEYS.get(key)
-        if pattern is None:
-            raise fail("current", f"keyed by {sorted(_CURRENT_KEYS)}", key)
-        match = pattern.match(name) if isinstance(name, str) else None
-        if match is None or (key in ARRAY_KINDS and match.group(1) != key):
-            raise fail(f"current.{key}", f"a version name like {'checkpoints/latest-000001.pt' if key.startswith('checkpoint') else key + '-000001'}", name)
-        if not _safe_version(root, name):
-            raise fail(f"current.{key}", "a version inside the project folder, not a symbolic link", name)
-        if int(match.group(2)) > counter:
-            raise fail("counter", f"at least the number of every current version ({name})", counter)
-    if image.get("path") is None and not _no_links(root, "image"):
-        raise fail("image", "stored in the project (image/ may not be a symbolic link)", "image -> link")
-    history = manifest.get("history", [])
-    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
-        raise fail("history", "a list of objects", history)
-    for field in ("best_loss",):
-        if manifest.get(field) is not None and not is_number(manifest[field]):
-            raise fail(field, "a finite number", manifest[field])
-    if manifest.get("revision") is not None and not (is_int(manifest["revision"]) and manifest["revision"] >= 0):
-        raise fail("revision", "a non-negative integer", manifest["revision"])
-    return manifest
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST
-    if manifest_path.is_symlink() or not manifest_path.is_file():
-        raise ValueError(f"path: {str(path)!r} is not a napari-sparse3d project (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"path: the manifest of {str(path)!r} is unreadable ({exc})") from exc
-    return validate_manifest(manifest, path)
 
 
 def is_project(path: Any) -> bool:
@@ -384,11 +259,11 @@ class Project:
         image must still have its saved hash.
         """
         path = Path(path)
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         lock = _take_lock(path) if writable else None
         try:
             if lock is not None:
-                manifest = _read_manifest(path)  # what the previous writer left, now that it has gone
+                manifest = read_manifest(path)  # what the previous writer left, now that it has gone
             project = cls(path, manifest, writer_lock=lock)
             if writable:
                 project._collect_garbage()
@@ -445,7 +320,7 @@ class Project:
         name = self.manifest["current"].get(kind)
         if name is None:
             return None
-        if not _safe_version(self.path, name):  # checked on open; the folder may have changed since
+        if not safe_version(self.path, name):  # checked on open; the folder may have changed since
             raise ValueError(f"{str(self.path / MANIFEST)}: version {name!r} is not inside the project folder")
         import zarr
 
@@ -488,7 +363,7 @@ class Project:
         name = self.manifest["current"].get(f"checkpoint_{which}")
         if name is None:
             return None
-        if not _safe_version(self.path, name):
+        if not safe_version(self.path, name):
             raise ValueError(f"{str(self.path / MANIFEST)}: checkpoint {name!r} is not inside the project folder")
         return self.path / name
 
@@ -529,7 +404,7 @@ class Project:
 
     def _remove(self, name: str) -> None:
         """Delete a version of this project: only a name of its own pattern, inside it, through no link."""
-        if not _safe_version(self.path, name) and not self._leftover(name):
+        if not safe_version(self.path, name) and not self._leftover(name):
             return
         target = self.path / name
         try:
@@ -546,7 +421,7 @@ class Project:
         return (
             folder == "checkpoints"
             and bool(_CHECKPOINT_FILE.match(file))
-            and _no_links(self.path, name)
+            and no_links(self.path, name)
             and (self.path / name).resolve().parent == (self.path / "checkpoints").resolve()
         )
 
