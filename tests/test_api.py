@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import napari_sparse3d
-from napari_sparse3d.data import as_volume, prepare_annotations
-from napari_sparse3d.metrics import annotated_slice_mask, mean_foreground_dice
+from napari_sparse3d.engine.training import Trainer
+from napari_sparse3d.engine.volume import as_volume, prepare_annotations
+from napari_sparse3d.evaluation.metrics import annotated_slice_mask, mean_foreground_dice
 from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
-from napari_sparse3d.training import Trainer
 
 
 @pytest.mark.slow
@@ -76,23 +76,6 @@ def test_warm_start_continues_from_weights_and_history(small_volume, tiny_config
     assert len(second.model.sparse3d.history) == 6
 
 
-def test_generator_stops_at_any_step_and_takes_new_annotations(small_volume, tiny_config):
-    image, labels, truth, slices = small_volume
-    volume = as_volume(image)
-    trainer = Trainer(volume, prepare_annotations(labels, volume.spatial_shape, slices), config=tiny_config, device="cpu")
-    steps = trainer.steps()  # no budget: runs until the caller stops
-    first = next(steps)
-    before = trainer.annotations.counts().sum()
-    corrected = labels.copy()
-    corrected[15] = truth[15]  # a corrected slice becomes an annotation
-    second = steps.send((corrected, {**slices, 0: slices[0] + [15]}))
-    assert second.iteration == first.iteration + 1
-    assert trainer.annotations.counts().sum() > before
-    steps.close()
-    weights = [p.detach().clone() for p in trainer.model.parameters()]
-    with pytest.raises(StopIteration):
-        next(steps)
-    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
 
 
 def test_scribbles_with_background_label(small_volume, tiny_config):
@@ -144,8 +127,8 @@ def test_anisotropic_spacing_shapes_the_network(small_volume, tiny_config):
 
 
 def test_progress_sees_training_then_prediction(small_volume, tiny_config):
-    from napari_sparse3d.prediction import PredictReport
-    from napari_sparse3d.training import TrainReport
+    from napari_sparse3d.engine.prediction import PredictReport
+    from napari_sparse3d.engine.training import TrainReport
 
     seen = []
     _tiny_run(small_volume, tiny_config, progress=seen.append)
@@ -161,23 +144,6 @@ def test_import_does_not_load_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
-def test_prefetching_thread_ends_with_the_generator_and_drops_stale_batches(small_volume, tiny_config):
-    import threading
-
-    image, labels, truth, slices = small_volume
-    volume = as_volume(image)
-    cfg = tiny_config.replace(train={"prefetch": True})
-    trainer = Trainer(volume, prepare_annotations(labels, volume.spatial_shape, slices), config=cfg, device="cpu")
-    steps = trainer.steps()
-    next(steps)
-    assert any(t.name == "sparse3d-prefetch" for t in threading.enumerate())
-    generation = trainer._prefetcher.generation
-    steps.send(truth)  # dense corrections: batches drawn from the old annotations are now stale
-    assert trainer._prefetcher.generation == generation + 1
-    next(steps)
-    steps.close()
-    assert trainer._prefetcher is None
-    assert not any(t.name == "sparse3d-prefetch" for t in threading.enumerate())
 
 
 def test_prefetching_keeps_runs_reproducible(small_volume, tiny_config):
@@ -188,19 +154,6 @@ def test_prefetching_keeps_runs_reproducible(small_volume, tiny_config):
         assert torch.equal(pa, pb)
 
 
-def test_warm_start_with_a_subset_of_classes_keeps_the_models_class_order(small_volume, tiny_config):
-    image, labels, truth, slices = small_volume
-    first = _tiny_run(small_volume, tiny_config)  # classes [0, 1, 2]
-    only_two = np.where(labels == 1, 0, labels)  # a correction round that touched class 2 only
-    volume = as_volume(image)
-    ann = prepare_annotations(only_two, volume.spatial_shape, slices)
-    assert ann.class_values == [0, 2]
-    trainer = Trainer(volume, ann, config=tiny_config, device="cpu", init=first.model)
-    assert trainer.annotations.class_values == [0, 1, 2]
-    assert (trainer.annotations.target[only_two == 2] == 2).all()
-    res = napari_sparse3d.run(image, only_two, annotated_slices=slices, max_iterations=1, config=tiny_config,
-                              init=first.model)
-    assert res.class_values == [0, 1, 2]
 
 
 def test_a_correction_round_may_annotate_a_single_class(small_volume, tiny_config):

@@ -144,7 +144,7 @@ def test_predict_rejects_bad_input(trained, tmp_path):
 def test_checkpoint_from_a_newer_version_is_refused(trained, tmp_path):
     import torch
 
-    from napari_sparse3d.checkpoint import save_checkpoint
+    from napari_sparse3d.io.checkpoint import save_checkpoint
 
     path = save_checkpoint(trained, tmp_path / "m.pt")
     payload = torch.load(path, weights_only=True)
@@ -158,41 +158,10 @@ def test_new_classes_on_warm_start_are_refused(trained):
     image, labels, slices = _good()
     labels[6, 2:4, 2:4] = 4
     with pytest.raises(ValueError, match=r"labels hold values \[4\] that the model does not know"):
-        from napari_sparse3d.data import prepare_annotations
+        from napari_sparse3d.engine.volume import prepare_annotations
 
         prepare_annotations(labels, SHAPE, slices, class_values=trained.sparse3d.class_values)
 
 
-def test_a_compressed_tiff_is_read_page_by_page(tmp_path, monkeypatch):
-    import tifffile
-
-    from napari_sparse3d.data import TiffPages, load_array
-
-    volume = np.random.default_rng(0).integers(0, 60000, (12, 40, 30), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "stack.tif", volume, compression="zlib")
-    lazy = load_array(tmp_path / "stack.tif")
-    assert isinstance(lazy, TiffPages) and lazy.shape == volume.shape and lazy.dtype == volume.dtype
-    read = []
-    real = tifffile.TiffPage.asarray
-    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda page, *a, **k: read.append(page.index) or real(page, *a, **k))
-    np.testing.assert_array_equal(lazy[3:5, 10:20, 5:9], volume[3:5, 10:20, 5:9])
-    assert sorted(read) == [3, 4]  # only the pages of the region
-    np.testing.assert_array_equal(lazy[::5], volume[::5])
-    np.testing.assert_array_equal(lazy[7], volume[7])
-    np.testing.assert_array_equal(np.asarray(lazy), volume)
-    # and the engine reads regions through it
-    from napari_sparse3d.data import as_volume
-
-    np.testing.assert_array_equal(as_volume(lazy).read((slice(2, 4), slice(0, 5), slice(0, 5)))[0], volume[2:4, :5, :5])
 
 
-def test_an_uncompressed_tiff_is_memory_mapped(tmp_path):
-    import tifffile
-
-    from napari_sparse3d.data import load_array
-
-    volume = np.arange(4 * 6 * 5, dtype=np.uint16).reshape(4, 6, 5)
-    tifffile.imwrite(tmp_path / "plain.tif", volume)
-    mapped = load_array(tmp_path / "plain.tif")
-    assert isinstance(mapped, np.memmap)
-    np.testing.assert_array_equal(mapped, volume)

@@ -1,15 +1,15 @@
 """Projects: the zarr store, atomic saves, resume, and survival of SIGKILL."""
 
 import errno
-import shutil
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +17,8 @@ import tifffile
 import torch
 
 import napari_sparse3d
-from napari_sparse3d.checkpoint import load_checkpoint
-from napari_sparse3d.project import MANIFEST, Project, ProjectWriteError, is_project
+from napari_sparse3d.io.checkpoint import load_checkpoint
+from napari_sparse3d.io.project import MANIFEST, Project, ProjectWriteError, is_project
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_saves_replace_versions_and_keep_one(project, small_volume):
 
 
 def test_failed_write_keeps_the_previous_state(project, small_volume, monkeypatch):
-    import napari_sparse3d.project as module
+    import napari_sparse3d.io.store as module  # the versioned store under Project commits the manifest
 
     before, before_slices = project.annotations()
     changed = before.copy()
@@ -71,7 +71,7 @@ def test_failed_write_keeps_the_previous_state(project, small_volume, monkeypatc
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(module, "_write_json_atomic", full_disk)
+    monkeypatch.setattr(module, "write_json", full_disk)
     with pytest.raises(ProjectWriteError, match="could not save the annotations .* No space left on device; the previous state is kept"):
         project.save_annotations(changed, {0: [1]})
     monkeypatch.undo()
@@ -168,9 +168,9 @@ CHILD = textwrap.dedent(
     import sys
     import numpy as np
     from napari_sparse3d.config import Config
-    from napari_sparse3d.data import as_volume, prepare_annotations
+    from napari_sparse3d.engine.training import Trainer
+    from napari_sparse3d.io.checkpoint import as_model
     from napari_sparse3d.project import Project
-    from napari_sparse3d.training import Trainer
 
     path, truth_path = sys.argv[1], sys.argv[2]
     truth = np.load(truth_path)
@@ -180,8 +180,8 @@ CHILD = textwrap.dedent(
     config = Config.from_dict({"model": {"levels": 3, "base_features": 4},
                                "train": {"patch_size": [8, 16, 16], "batch_size": 1, "warmup_steps": 0}})
     init = project.checkpoint("latest")
-    trainer = Trainer(as_volume(project.image()), prepare_annotations(labels, labels.shape, slices),
-                      config=None if init else config, device="cpu", init=init)
+    trainer = Trainer.from_inputs(project.image(), labels, slices, config=None if init else config, device="cpu",
+                                  init=None if init is None else as_model(init))
     print("START", trainer.iteration, flush=True)
     for report in trainer.steps():
         project.save_checkpoint(trainer.model)
@@ -291,7 +291,7 @@ def test_symbolic_links_are_never_followed(project, victim):
     with Project.open(project.path, writable=True) as opened:  # garbage collection skips links
         assert _untouched(victim)
         with pytest.raises(ProjectWriteError, match="is a symbolic link"):
-            opened.save_checkpoint(napari_sparse3d.checkpoint.load_checkpoint(_tiny_checkpoint(project)))
+            opened.save_checkpoint(napari_sparse3d.io.checkpoint.load_checkpoint(_tiny_checkpoint(project)))
         labels, slices = opened.annotations()
         opened.save_annotations(labels, slices)  # other saves work, and delete nothing outside
     assert _untouched(victim) and (project.path / "annotations-000050").is_symlink()
@@ -377,7 +377,7 @@ HOLDER = textwrap.dedent(
 
 
 def test_a_second_writer_is_refused_and_a_dead_writer_releases_the_lock(project, tmp_path):
-    from napari_sparse3d.project import ProjectLockedError
+    from napari_sparse3d.io.project import ProjectLockedError
 
     with pytest.raises(ProjectLockedError, match="already open for writing in this process"):
         Project.open(project.path, writable=True)  # a second viewer in the same napari
@@ -421,13 +421,13 @@ def test_read_only_projects_refuse_to_write(project, small_volume):
 
 
 def test_new_versions_reach_the_disk_before_the_manifest_names_them(project, small_volume, monkeypatch):
-    import napari_sparse3d.project as module
+    import napari_sparse3d.io.store as module  # the versioned store under Project commits the manifest
 
     image, labels, truth, slices = small_volume
     events = []
-    real_fsync, real_write = module.fsync_tree, module._write_json_atomic
+    real_fsync, real_write = module.fsync_tree, module.write_json
     monkeypatch.setattr(module, "fsync_tree", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p))[1])
-    monkeypatch.setattr(module, "_write_json_atomic", lambda p, d: (events.append(("manifest", d["current"].get("annotations"))), real_write(p, d))[1])
+    monkeypatch.setattr(module, "write_json", lambda p, d: (events.append(("manifest", d["current"].get("annotations"))), real_write(p, d))[1])
     project.save_annotations(labels, slices)
     name = project.manifest["current"]["annotations"]
     assert events.index(("fsync", name)) < events.index(("manifest", name))

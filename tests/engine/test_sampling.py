@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from napari_sparse3d.augment import Augmenter
-from napari_sparse3d.data import as_volume, prepare_annotations
-from napari_sparse3d.preprocess import compute_normalization, plan_patch_size
-from napari_sparse3d.sampling import PatchSampler, class_weights
+from napari_sparse3d.engine.augment import Augmenter
+from napari_sparse3d.engine.preprocess import compute_normalization, plan_patch_size
+from napari_sparse3d.engine.sampling import PatchSampler, class_weights
+from napari_sparse3d.engine.volume import as_volume, prepare_annotations
 
 
 def _sampler(small_volume, **kwargs):
@@ -83,7 +83,7 @@ def test_patch_plan_follows_spacing_and_volume():
 
 
 def test_patches_flatten_along_the_normal_of_the_most_annotated_slices():
-    from napari_sparse3d.preprocess import dominant_slice_axis
+    from napari_sparse3d.engine.preprocess import dominant_slice_axis
 
     cube = plan_patch_size((60, 256, 256), None, (8, 8, 8), 32**3)
     flat = plan_patch_size((60, 256, 256), None, (8, 8, 8), 32**3, flatten_axis=0)

@@ -11,10 +11,10 @@ import torch
 import zarr
 
 import napari_sparse3d
-from napari_sparse3d.checkpoint import ModelInfo
 from napari_sparse3d.config import Config
-from napari_sparse3d.model import UNet3D
-from napari_sparse3d.preprocess import Normalization
+from napari_sparse3d.engine.model import UNet3D
+from napari_sparse3d.engine.preprocess import Normalization
+from napari_sparse3d.engine.trained import ModelInfo
 
 
 def peak_mb() -> float:

@@ -10,21 +10,29 @@ it, and the current model.  The register of a layer is mirrored into
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .session import SliceRegister
+from napari_sparse3d.loop.slices import SliceRegister
 
-__all__ = ["LoopState", "state_for", "watch_edits", "METADATA_KEY"]
+if TYPE_CHECKING:
+    from napari.layers import Image, Labels
+
+    from napari_sparse3d.engine.model import UNet3D
+    from napari_sparse3d.engine.training import Trainer
+    from napari_sparse3d.io.project import Project
+
+__all__ = ["METADATA_KEY", "LoopState", "state_for", "watch_edits"]
 
 METADATA_KEY = "napari_sparse3d"
 
-_STATES: "weakref.WeakKeyDictionary[Any, LoopState]" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[Any, LoopState] = weakref.WeakKeyDictionary()
 
 
-def state_for(viewer: Any) -> "LoopState":
+def state_for(viewer: Any) -> LoopState:
     """The shared state of ``viewer``'s widgets (created on first use)."""
     try:
         return _STATES[viewer]
@@ -69,13 +77,13 @@ class LoopState:
     def __init__(self, viewer: Any) -> None:
         # a weak reference: the shared state must not keep a closed viewer (and its layers) alive
         self._viewer = weakref.ref(viewer)
-        self.image_layer: Any = None
-        self.labels_layer: Any = None
-        self.prediction_layer: Any = None
-        self.uncertainty_layer: Any = None
-        self.model: Any = None  # the last good model (a trained torch module)
-        self.trainer: Any = None  # kept between rounds so Continue keeps the optimiser state
-        self.trainer_key: tuple | None = None
+        self.image_layer: Image | None = None
+        self.labels_layer: Labels | None = None
+        self.prediction_layer: Labels | None = None
+        self.uncertainty_layer: Image | None = None
+        self.model: UNet3D | None = None  # the last good model (a trained torch module)
+        self.trainer: Trainer | None = None  # kept between rounds so Continue keeps the optimiser state
+        self.trainer_key: tuple[int, int] | None = None  # ids of the image and annotation layers it trains on
         self.uncertainty: np.ndarray | None = None
         # what the network last predicted, to tell the user's corrections from it
         self.reference: np.ndarray | None = None
@@ -83,11 +91,11 @@ class LoopState:
         self._registers: dict[int, SliceRegister] = {}
         self._listeners: list[Callable[[], None]] = []
         self._edit_listeners: list[Callable[[str], None]] = []
-        self.project: Any = None  # napari_sparse3d.project.Project the work is saved into (held for writing)
-        self.project_layer: Any = None  # the annotation layer whose data the project saves
+        self.project: Project | None = None  # the project the work is saved into (held for writing)
+        self.project_layer: Labels | None = None  # the annotation layer whose data the project saves
         self._stop_watching_prediction: Callable[[], None] | None = None
         self.job_running = False  # a training or prediction worker runs (it may write the project)
-        self._release_after_job: list[Any] = []
+        self._release_after_job: list[Project] = []
 
     @property
     def viewer(self) -> Any:
@@ -112,7 +120,7 @@ class LoopState:
         for callback in list(self._edit_listeners):
             callback(kind)
 
-    def model_snapshot(self) -> Any:
+    def model_snapshot(self) -> UNet3D | None:
         """The current model, copied under the trainer's lock when a worker may be training it."""
         trainer = self.trainer
         if trainer is not None and trainer.model is self.model:
@@ -166,13 +174,13 @@ class LoopState:
         self.reference = np.array(layer.data, copy=True)
         self.corrected = {0: set(), 1: set(), 2: set()}
 
-    def attach_project(self, path: Any) -> Any:
+    def attach_project(self, path: str | Path) -> Project:
         """Save the chosen annotation layer into (and resume from) the project at ``path``.
 
         The project is held for writing (another viewer or process gets a clear error)
         until :meth:`detach_project`; its prediction layer is adopted.
         """
-        from .project import Project
+        from napari_sparse3d.io.project import Project
 
         if self.project is not None and Path(self.project.path).resolve() == Path(path).resolve():
             project = self.project
@@ -232,10 +240,11 @@ class LoopState:
         self._listeners.clear()
         self._edit_listeners.clear()
         if trainer is not None and trainer.device.type == "cuda":
-            import torch
+            from napari_sparse3d.engine.devices import release_cached_memory
 
-            del trainer
-            torch.cuda.empty_cache()
+            device = trainer.device
+            del trainer  # its tensors go first, then the cache they leave
+            release_cached_memory(device)
 
     # -- where the user looks -----------------------------------------------------------
     def data_point(self) -> np.ndarray | None:

@@ -6,16 +6,20 @@ commands import them, and torch loads when training or a model is first used.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from magicgui.widgets import ComboBox
 from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QWidget
 
-from ._state import state_for
+from napari_sparse3d._napari.state import state_for
 
-__all__ = ["DockWidget", "layer_combo", "layer_choices", "add_layer_like"]
+if TYPE_CHECKING:
+    from napari.layers import Labels
 
+__all__ = ["DockWidget", "add_layer_like", "fit_dtype", "layer_choices", "layer_combo", "on_close"]
 
 
 def layer_choices(viewer: Any, kind: type) -> list[Any]:
@@ -24,13 +28,21 @@ def layer_choices(viewer: Any, kind: type) -> list[Any]:
 
 
 def layer_combo(viewer: Any, kind: type, label: str) -> ComboBox:
-    return ComboBox(label=label, choices=lambda _w: [(l.name, l) for l in layer_choices(viewer, kind)], nullable=True)
+    return ComboBox(label=label, choices=lambda _w: [(layer.name, layer) for layer in layer_choices(viewer, kind)], nullable=True)
 
 
 def add_layer_like(viewer: Any, like: Any, data: Any, kind: str = "labels", **kwargs: Any) -> Any:
     """Add a layer with ``like``'s scale and translation (the last three axes)."""
     add = viewer.add_labels if kind == "labels" else viewer.add_image
     return add(data, scale=tuple(like.scale[-3:]), translate=tuple(like.translate[-3:]), **kwargs)
+
+
+def fit_dtype(layer: Labels, values: np.ndarray) -> np.ndarray:
+    """The layer's data, widened first if ``values`` do not fit its integer type."""
+    data = layer.data
+    if np.asarray(values).max(initial=0) > np.iinfo(data.dtype).max:
+        layer.data = data = data.astype(np.promote_types(data.dtype, np.min_scalar_type(np.asarray(values).max())))
+    return data
 
 
 class _CloseWatcher(QObject):
@@ -41,19 +53,19 @@ class _CloseWatcher(QObject):
         self.callbacks: list[Callable[[], Any]] = []
         window.installEventFilter(self)
 
-    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt's name
+    def eventFilter(self, obj: Any, event: Any) -> bool:
         if event.type() == QEvent.Type.Close:
             for callback in list(self.callbacks):
                 try:
                     callback()
-                except Exception as exc:  # noqa: BLE001 - one failure must not stop the others or the close
+                except Exception as exc:
                     import warnings
 
                     warnings.warn(f"napari-sparse3d: while closing: {exc}", RuntimeWarning, stacklevel=1)
         return False  # the window closes as usual
 
 
-def _on_close(window: Any, callback: Callable[[], Any]) -> None:
+def on_close(window: Any, callback: Callable[[], Any]) -> None:
     """Call ``callback`` (synchronously) when ``window`` is asked to close: flush what must not be lost."""
     watcher = window.findChild(_CloseWatcher)
     if watcher is None:
@@ -80,6 +92,12 @@ class DockWidget(QWidget):
 
     def reset_choices(self, *_: Any) -> None:
         """Refresh the layer menus (called when layers are added or removed)."""
+
+    def on_window_close(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback`` when the viewer's window is asked to close (see :func:`on_close`)."""
+        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            on_close(window, callback)
 
     def bind_keys(self, bindings: Sequence[tuple[str, Callable[[], Any]]]) -> None:
         for key, action in bindings:

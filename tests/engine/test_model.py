@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from napari_sparse3d.config import ModelConfig
-from napari_sparse3d.model import UNet3D, plan_levels
+from napari_sparse3d.engine.model import UNet3D, plan_levels
 
 
 @pytest.mark.parametrize(

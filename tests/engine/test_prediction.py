@@ -3,11 +3,10 @@ import pytest
 import torch
 import zarr
 
-from napari_sparse3d.checkpoint import ModelInfo
+import napari_sparse3d
 from napari_sparse3d.config import Config
-from napari_sparse3d.data import as_volume
-from napari_sparse3d.model import UNet3D
-from napari_sparse3d.prediction import (
+from napari_sparse3d.engine.model import UNet3D
+from napari_sparse3d.engine.prediction import (
     gaussian_importance,
     plan_tiles,
     plan_window,
@@ -15,8 +14,9 @@ from napari_sparse3d.prediction import (
     resolve_window,
     window_starts,
 )
-from napari_sparse3d.preprocess import Normalization
-import napari_sparse3d
+from napari_sparse3d.engine.preprocess import Normalization
+from napari_sparse3d.engine.trained import ModelInfo
+from napari_sparse3d.engine.volume import as_volume
 
 
 def _model(patch=(8, 16, 16), classes=(0, 1, 5), overlap=0.5, precision="fp32", **predict):

@@ -13,7 +13,7 @@ import zarr
 
 import napari_sparse3d
 from napari_sparse3d.cli import main, output_stems
-from napari_sparse3d.data import load_array, save_array
+from napari_sparse3d.io.arrays import load_array, save_array
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_a_prediction_killed_while_writing_zarr_is_recognisably_incomplete(tmp_p
         child.kill()
         child.communicate()
     assert not out.exists()  # nothing under the name asked for
-    partial = [p for p in out.parent.iterdir()]
+    partial = list(out.parent.iterdir())
     assert len(partial) == 1 and partial[0].name.startswith(".labels.zarr.partial-")
     with pytest.raises(ValueError, match="incomplete output of an interrupted prediction"):
         load_array(partial[0])

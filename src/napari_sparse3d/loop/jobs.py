@@ -9,20 +9,46 @@ user is looking at (a :class:`Preview`); when the budget is used or
 first (:class:`Phase` marks the switch).  :func:`prediction_job` is the second
 half alone, for applying a model to any volume.  Both stop within one step or
 one batch of windows when their flags are set.
+
+What a job yields is typed: the engine's reports and blocks, and the small
+items below (:class:`Phase`, :class:`Preview`, :class:`TrainerReady`,
+:class:`JobFailed`), so that a consumer dispatches on the item's type.
+
+Importing this module does not import torch (the engine is imported when a job
+first runs): the napari docks import it on the GUI thread.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import TYPE_CHECKING
 
-from .config import PredictConfig
-from .prediction import Block, PredictReport, predict_blocks, predict_region
-from .training import TrainReport, Trainer
+import numpy as np
 
-__all__ = ["Phase", "Preview", "training_job", "prediction_job", "PREVIEW_CONFIG"]
+from napari_sparse3d.config import PredictConfig
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from napari_sparse3d.engine.checkpointing import CheckpointSaver
+    from napari_sparse3d.engine.model import UNet3D
+    from napari_sparse3d.engine.prediction import Block, PredictReport
+    from napari_sparse3d.engine.training import Trainer, TrainReport
+    from napari_sparse3d.engine.volume import Volume
+
+__all__ = [
+    "PREVIEW_CONFIG",
+    "JobFailed",
+    "Phase",
+    "Preview",
+    "TrainerReady",
+    "check_annotations",
+    "prediction_job",
+    "training_job",
+]
 
 #: Previews favour speed: windows of the training patch (the least context around the slice on
 #: screen), no overlap between them, no mirroring.
@@ -47,6 +73,30 @@ class Preview:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TrainerReady:
+    """The job built (or updated) its trainer and is about to train it."""
+
+    trainer: Trainer
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job raised ``error`` and ended (a failure travels as an item, not as an exception)."""
+
+    error: Exception
+
+
+def check_annotations(labels: np.ndarray, annotated_slices: Mapping[int, Sequence[int]] | None) -> None:
+    """Raise the ``TypeError``/``ValueError`` a new training run would raise for these annotations.
+
+    For saying what is wrong before a job starts, on the GUI thread (no torch).
+    """
+    from napari_sparse3d.engine.volume import prepare_annotations
+
+    prepare_annotations(labels, labels.shape, annotated_slices or None)
+
+
 def training_job(
     trainer: Trainer,
     *,
@@ -57,9 +107,8 @@ def training_job(
     view: Callable[[], Region | None] | None = None,
     focus: Callable[[], Sequence[float] | None] | None = None,
     preview_every: float = 3.0,
-    predict_after: bool = True,
     device: str | None = None,
-    saver: Any = None,
+    saver: CheckpointSaver | None = None,
 ) -> Generator[TrainReport | Preview | Phase | Block | PredictReport, None, None]:
     """Train ``trainer`` within the budget, with previews, then predict the whole volume.
 
@@ -82,6 +131,8 @@ def training_job(
         Writes the model into a project every so often, and when training ends
         (not after a failure: the project keeps its last good checkpoint).
     """
+    from napari_sparse3d.engine.prediction import predict_region
+
     stop = stop or threading.Event()
     cancel = cancel or threading.Event()
     device = device or str(trainer.device)
@@ -113,22 +164,27 @@ def training_job(
     if cancel.is_set():
         yield Phase("cancelled")
         return
-    if predict_after:
-        yield from prediction_job(trainer.volume, trainer.model, device=device, cancel=cancel, focus=focus)
-    else:
-        yield Phase("done")
+    yield from prediction_job(trainer.volume, trainer.model, device=device, cancel=cancel, focus=focus)
 
 
 def prediction_job(
-    volume: Any,
-    model: Any,
+    image: Volume | npt.ArrayLike,
+    model: UNet3D,
     *,
     device: str = "auto",
     cancel: threading.Event | None = None,
     focus: Callable[[], Sequence[float] | None] | None = None,
     config: PredictConfig | None = None,
 ) -> Generator[Phase | Block | PredictReport, None, None]:
-    """Predict ``volume`` block by block (nearest ``focus()`` first), yielding blocks and progress."""
+    """Predict ``image`` block by block (nearest ``focus()`` first), yielding blocks and progress.
+
+    ``image`` is a :class:`~napari_sparse3d.engine.volume.Volume` or a 3D array
+    (numpy, zarr, dask: checked with :func:`~napari_sparse3d.engine.volume.as_volume`).
+    """
+    from napari_sparse3d.engine.prediction import predict_blocks
+    from napari_sparse3d.engine.volume import Volume, as_volume
+
+    volume = image if isinstance(image, Volume) else as_volume(image)
     cancel = cancel or threading.Event()
     yield Phase("predicting")
     reports: list[PredictReport] = []

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_sparse3d.metrics import annotated_slice_mask, dice_per_class, iou_per_class, mean_foreground_dice
+from napari_sparse3d.evaluation.metrics import annotated_slice_mask, dice_per_class, iou_per_class, mean_foreground_dice
 
 
 def test_dice_and_iou_by_hand():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import napari_sparse3d
-from napari_sparse3d.checkpoint import load_checkpoint, save_checkpoint
+from napari_sparse3d.io.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture

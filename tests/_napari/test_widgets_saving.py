@@ -7,11 +7,8 @@ import weakref
 import numpy as np
 import pytest
 
-pytest.importorskip("napari")
-pytestmark = pytest.mark.gui
-
-from napari_sparse3d.project import Project  # noqa: E402
-from napari_sparse3d.sample_data import make_cells  # noqa: E402
+from napari_sparse3d.io.project import Project
+from napari_sparse3d.sample_data import make_cells
 
 PLUGIN = "napari-sparse3d"
 DELAY_MS = 150
@@ -110,8 +107,8 @@ def _fingerprint(model):
 
 
 def test_save_model_during_training_holds_the_weights_of_one_step(attached, qtbot, monkeypatch, tmp_path):
-    from napari_sparse3d.checkpoint import load_checkpoint
-    from napari_sparse3d.training import Trainer
+    from napari_sparse3d.engine.training import Trainer
+    from napari_sparse3d.io.checkpoint import load_checkpoint
 
     viewer, annotate, train, truth, path = attached
     state = annotate.state
@@ -151,7 +148,7 @@ def test_closing_napari_mid_training_writes_the_final_checkpoint_and_frees_the_m
     viewer.close()  # waits for the step in progress and the final checkpoint
     project = Project.open(path)
     assert project.checkpoint("latest") is not None
-    from napari_sparse3d.checkpoint import load_checkpoint
+    from napari_sparse3d.io.checkpoint import load_checkpoint
 
     saved = load_checkpoint(project.checkpoint("latest"))
     assert len(saved.sparse3d.history) >= 2

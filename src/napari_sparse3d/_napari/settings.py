@@ -12,9 +12,9 @@ from typing import Any
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
 from qtpy.QtWidgets import QGroupBox, QVBoxLayout, QWidget
 
-from .config import PRESETS, Config
+from napari_sparse3d.config import PRESETS, Config
 
-__all__ = ["SettingsForm", "ADVANCED"]
+__all__ = ["ADVANCED", "SettingsForm"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

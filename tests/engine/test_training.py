@@ -1,5 +1,19 @@
 """Trainer: steps that cannot poison the model, back-off, and what a checkpoint carries on."""
 
+import numpy as np
+import pytest
+import torch
+import napari_sparse3d
+from napari_sparse3d.engine.training import Trainer
+from napari_sparse3d.engine.volume import as_volume, prepare_annotations
+from napari_sparse3d.evaluation.metrics import annotated_slice_mask, mean_foreground_dice
+from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
+import threading
+from pathlib import Path
+import numpy as np
+import pytest
+from napari_sparse3d.loop.corrections import accept_slices, uncertain_slices, uncertainty
+from napari_sparse3d.loop.slices import SliceRegister, label_counts, next_even_slice
 import tempfile
 import warnings
 from pathlib import Path
@@ -9,11 +23,11 @@ import pytest
 import torch
 
 import napari_sparse3d
-from napari_sparse3d.checkpoint import HISTORY_LIMIT, load_checkpoint, save_checkpoint, thin_history
 from napari_sparse3d.config import Config
-from napari_sparse3d.data import as_volume, prepare_annotations
-from napari_sparse3d.model import Conv3d
-from napari_sparse3d.training import Trainer
+from napari_sparse3d.engine.model import Conv3d
+from napari_sparse3d.engine.trained import HISTORY_LIMIT, thin_history
+from napari_sparse3d.engine.training import Trainer
+from napari_sparse3d.io.checkpoint import load_checkpoint, save_checkpoint
 
 
 class _PoisonGrad(torch.autograd.Function):
@@ -30,7 +44,7 @@ class _PoisonGrad(torch.autograd.Function):
 
 def _trainer(small_volume, config, **kwargs):
     image, labels, truth, slices = small_volume
-    return Trainer(as_volume(image), prepare_annotations(labels, image.shape, slices), config=config, device="cpu", **kwargs)
+    return Trainer.from_inputs(image, labels, slices, config=config, device="cpu", **kwargs)
 
 
 def _poison(trainer, attempts):
@@ -189,7 +203,7 @@ def test_checkpoint_carries_the_optimiser_state_into_a_warm_start(small_volume, 
     list(trainer.steps(max_iterations=3))
     saved = _optimizer_state(trainer)
     path = save_checkpoint(trainer.model, tmp_path / "model.pt")
-    resumed = _trainer(small_volume, None, init=str(path))
+    resumed = _trainer(small_volume, None, init=load_checkpoint(path))
     restored = _optimizer_state(resumed)
     assert restored.keys() == saved.keys() and len(saved) > 0
     for key, value in saved.items():
@@ -210,7 +224,7 @@ def test_an_optimiser_state_that_does_not_fit_is_refused_with_a_warning(small_vo
     state["state"][first]["exp_avg"] = torch.zeros(3)  # a crafted file
     path = save_checkpoint(trainer.model, tmp_path / "model.pt")
     with pytest.warns(RuntimeWarning, match="optimiser state does not fit"):
-        resumed = _trainer(small_volume, None, init=str(path))
+        resumed = _trainer(small_volume, None, init=load_checkpoint(path))
     assert len(resumed.optimizer.state_dict()["state"]) == 0
     list(resumed.steps(max_iterations=1))
 
@@ -241,7 +255,7 @@ def test_a_snapshot_from_another_thread_holds_the_weights_of_one_finished_step(s
     """What "Save model" in napari reads while the worker trains: never a mix of two steps."""
     import threading
 
-    from napari_sparse3d.checkpoint import load_checkpoint, save_checkpoint
+    from napari_sparse3d.io.checkpoint import load_checkpoint, save_checkpoint
 
     trainer = _trainer(small_volume, tiny_config)
 
@@ -273,3 +287,100 @@ def test_a_snapshot_from_another_thread_holds_the_weights_of_one_finished_step(s
         assert fingerprint(snap) == per_step[iteration], k
         path = save_checkpoint(snap, Path(tempfile.mkdtemp()) / "snap.pt")
     assert path is not None and fingerprint(load_checkpoint(path)) in per_step.values()
+
+
+def test_non_finite_loss_keeps_the_last_good_weights(small_volume, tiny_config):
+    import torch
+
+    from napari_sparse3d.engine.training import Trainer
+
+    image, labels, truth, slices = small_volume
+    trainer = Trainer.from_inputs(image, labels, slices, config=tiny_config, device="cpu")
+    steps = trainer.steps(max_iterations=10)
+    next(steps)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real = trainer.loss_fn
+    trainer.loss_fn = lambda *a: real(*a) * float("nan")
+    with pytest.warns(RuntimeWarning, match="learning rate is halved"):
+        with pytest.raises(FloatingPointError, match="training stopped at iteration 2: 10 steps in a row"):
+            next(steps)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(small_volume, tiny_config):
+    import torch
+
+    from napari_sparse3d.engine.training import Trainer
+
+    image, labels, truth, slices = small_volume
+    config = tiny_config.replace(train={"batch_size": 4})
+    trainer = Trainer.from_inputs(image, labels, slices, config=config, device="cpu")
+    real_forward = trainer.model.forward
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    trainer.model.forward = forward
+    with pytest.warns(RuntimeWarning, match="out of cpu memory: training goes on with batch size 2"):
+        reports = list(trainer.steps(max_iterations=2))
+    assert [r.iteration for r in reports] == [1, 2] and trainer.batch_size == 1
+    assert seen == [4, 2, 1, 1]
+    trainer.model.forward = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+    with pytest.raises(MemoryError, match="even with one patch of"):
+        next(trainer.steps(max_iterations=1))
+
+
+def test_generator_stops_at_any_step_and_takes_new_annotations(small_volume, tiny_config):
+    image, labels, truth, slices = small_volume
+    trainer = Trainer.from_inputs(image, labels, slices, config=tiny_config, device="cpu")
+    steps = trainer.steps()  # no budget: runs until the caller stops
+    first = next(steps)
+    before = trainer.annotations.counts().sum()
+    corrected = labels.copy()
+    corrected[15] = truth[15]  # a corrected slice becomes an annotation
+    second = steps.send((corrected, {**slices, 0: slices[0] + [15]}))
+    assert second.iteration == first.iteration + 1
+    assert trainer.annotations.counts().sum() > before
+    steps.close()
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(StopIteration):
+        next(steps)
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+
+
+def test_prefetching_thread_ends_with_the_generator_and_drops_stale_batches(small_volume, tiny_config):
+    import threading
+
+    image, labels, truth, slices = small_volume
+    cfg = tiny_config.replace(train={"prefetch": True})
+    trainer = Trainer.from_inputs(image, labels, slices, config=cfg, device="cpu")
+    steps = trainer.steps()
+    next(steps)
+    assert any(t.name == "sparse3d-prefetch" for t in threading.enumerate())
+    generation = trainer._prefetcher.generation
+    steps.send(truth)  # dense corrections: batches drawn from the old annotations are now stale
+    assert trainer._prefetcher.generation == generation + 1
+    next(steps)
+    steps.close()
+    assert trainer._prefetcher is None
+    assert not any(t.name == "sparse3d-prefetch" for t in threading.enumerate())
+
+
+def test_warm_start_with_a_subset_of_classes_keeps_the_models_class_order(small_volume, tiny_config):
+    image, labels, truth, slices = small_volume
+    first = _tiny_run(small_volume, tiny_config)  # classes [0, 1, 2]
+    only_two = np.where(labels == 1, 0, labels)  # a correction round that touched class 2 only
+    volume = as_volume(image)
+    ann = prepare_annotations(only_two, volume.spatial_shape, slices)
+    assert ann.class_values == [0, 2]
+    trainer = Trainer(volume, ann, config=tiny_config, device="cpu", init=first.model)
+    assert trainer.annotations.class_values == [0, 1, 2]
+    assert (trainer.annotations.target[only_two == 2] == 2).all()
+    res = napari_sparse3d.run(image, only_two, annotated_slices=slices, max_iterations=1, config=tiny_config,
+                              init=first.model)
+    assert res.class_values == [0, 1, 2]

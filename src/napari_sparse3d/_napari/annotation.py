@@ -14,9 +14,11 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout
 
-from ._dock import DockWidget, _on_close, add_layer_like, layer_choices, layer_combo
-from ._state import METADATA_KEY, watch_edits as _watch
-from .session import AXIS_NAMES, label_counts, next_even_slice, uncertain_slices
+from napari_sparse3d._napari.dock import DockWidget, add_layer_like, layer_choices, layer_combo
+from napari_sparse3d._napari.state import METADATA_KEY
+from napari_sparse3d._napari.state import watch_edits as _watch
+from napari_sparse3d.loop.corrections import uncertain_slices
+from napari_sparse3d.loop.slices import AXIS_NAMES, label_counts, next_even_slice
 
 __all__ = ["AnnotationWidget"]
 
@@ -80,7 +82,7 @@ class AnnotationWidget(DockWidget):
         self.viewer.dims.events.ndisplay.connect(self._refresh_info)
         self.state.on_change(self._refresh_all)
         self.state.on_edit(self._schedule_save)
-        self._watch_close()
+        self.on_window_close(self._viewer_closing)  # flush unsaved edits and release the project
         self.bind_keys(
             [
                 ("Alt-N", self.next_slice),
@@ -137,8 +139,8 @@ class AnnotationWidget(DockWidget):
         # attached for the final flush and the training job's last checkpoint)
         if state.project is not None and layer is not None and layer is not state.project_layer:
             # a project saves one layer: choosing another must not overwrite its annotations
-            name = getattr(state.project_layer, "name", "?")
-            show_info(f"Project {state.project.path.name} is saved from layer {name!r}; {getattr(layer, 'name', 'no layer')!r} is not saved into it.")
+            name, chosen = getattr(state.project_layer, "name", "?"), getattr(layer, "name", "no layer")
+            show_info(f"Project {state.project.path.name} is saved from layer {name!r}; {chosen!r} is not saved into it.")
             state.detach_project()
         if layer is not None:
             self._stop_watching = _watch(layer, lambda: (self._schedule_save("annotations"), self._refresh_all()))
@@ -172,20 +174,15 @@ class AnnotationWidget(DockWidget):
             if "annotations" in pending and state.project_layer is not None:
                 register = state.register(state.project_layer)
                 state.project.save_annotations(np.asarray(state.project_layer.data), register.as_dict())  # type: ignore[union-attr]
-            if "prediction" in pending and state.prediction_layer is not None and state.prediction_layer.data.shape == state.project.shape:
-                state.project.save_prediction(np.asarray(state.prediction_layer.data))
+            prediction = state.prediction_layer
+            if "prediction" in pending and prediction is not None and prediction.data.shape == state.project.shape:
+                state.project.save_prediction(np.asarray(prediction.data))
         except (OSError, ValueError) as exc:
             self._pending |= pending  # tried again with the next edit or on close
             show_error(f"NOT saved to {state.project.path}: {exc}")
             return False
         self.project_info.value = f"project: {state.project.path.name} · saved {time.strftime('%H:%M:%S')}"
         return True
-
-    def _watch_close(self) -> None:
-        """Flush unsaved edits and release the project when the viewer's window closes."""
-        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        if window is not None:
-            _on_close(window, self._viewer_closing)
 
     def _viewer_closing(self) -> None:
         if self._pending or self._autosave.isActive():
@@ -196,7 +193,7 @@ class AnnotationWidget(DockWidget):
 
     def create_project(self, path: str | None) -> Any:
         """Make a project of the image, annotations, prediction and model, and autosave into it."""
-        from .project import Project
+        from napari_sparse3d.io.project import Project
 
         state = self.state
         if state.image_layer is None or state.labels_layer is None:

@@ -8,11 +8,12 @@ is imported here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ._state import METADATA_KEY
-from .project import Project, is_project
+from napari_sparse3d._napari.state import METADATA_KEY
+from napari_sparse3d.io.project import Project, is_project
 
 __all__ = ["napari_get_reader", "read_project"]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from napari_sparse3d.losses import SparseLoss, downsample_targets, soft_dice_loss, weighted_cross_entropy
+from napari_sparse3d.engine.losses import SparseLoss, downsample_targets, soft_dice_loss, weighted_cross_entropy
 
 
 def _setup(seed=0):

@@ -33,7 +33,7 @@ class LossPlot(QWidget):
         self.smoothed.append(0.9 * previous + 0.1 * float(loss))
         self.update()
 
-    def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+    def paintEvent(self, event: Any) -> None:
         painter = QPainter(self)
         rect = self.rect().adjusted(4, 4, -4, -14)
         painter.fillRect(self.rect(), QColor(38, 41, 48))
