@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-import label_efficiency as le  # noqa: E402  (also puts src/ on the path when not installed)
+import label_efficiency as le
 
 FOLDER = le.DATA_DIR / "large"
 
@@ -87,7 +87,7 @@ def main() -> None:
 
     labels = zarr.open_array(str(out / f"{volume.name.split('.')[0]}_labels.zarr"), mode="r")
     assert labels.shape == shape
-    from napari_sparse3d.checkpoint import load_checkpoint
+    from napari_sparse3d.io.checkpoint import load_checkpoint
 
     predict_config = load_checkpoint(model).sparse3d.config.predict
     line = (f"| {'x'.join(map(str, shape))} uint16, {args.chunks}^3 chunks | {predict_config} | {seconds:.0f} s |"

@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 
-import label_efficiency as le  # noqa: E402  (also puts src/ on the path when not installed)
-
-import napari_sparse3d  # noqa: E402
-from napari_sparse3d.devices import cpu_supports_bf16  # noqa: E402
+import label_efficiency as le
+import napari_sparse3d
+from napari_sparse3d.engine.devices import cpu_supports_bf16
 
 SETTINGS = {
     "fp32": {"precision": "fp32", "channels_last": False},
@@ -51,7 +50,8 @@ def main() -> None:
         step = float(np.median([h.step_seconds for h in res.history]))
         dice, per_class = le.score(res.labels, truth, annotated)
         rows.append((name, step, res.history[-1].elapsed, total - res.history[-1].elapsed, dice, per_class))
-        print(f"{name:26s} {step:.3f} s/step  train {rows[-1][2]:.0f} s  predict {rows[-1][3]:.1f} s  dice {dice:.3f} {per_class}",
+        timing = f"{step:.3f} s/step  train {rows[-1][2]:.0f} s  predict {rows[-1][3]:.1f} s"
+        print(f"{name:26s} {timing}  dice {dice:.3f} {per_class}",
               flush=True)
     base = rows[0]
     print("\n| setting | s/step | speed-up | predict s | speed-up | Dice |\n|---|---|---|---|---|---|")

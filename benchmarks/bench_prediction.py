@@ -37,17 +37,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-import label_efficiency as le  # noqa: E402  (also puts src/ on the path when not installed)
-
-import torch  # noqa: E402
-
-import napari_sparse3d  # noqa: E402
-from napari_sparse3d.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from napari_sparse3d.config import PredictConfig  # noqa: E402
-from napari_sparse3d.data import as_volume  # noqa: E402
-from napari_sparse3d.devices import resolve_precision  # noqa: E402
-from napari_sparse3d.prediction import _Grid, predict_blocks, resolve_window  # noqa: E402
+import label_efficiency as le
+import napari_sparse3d
+from napari_sparse3d.config import PredictConfig
+from napari_sparse3d.engine.devices import resolve_precision
+from napari_sparse3d.engine.prediction import WindowGrid, predict_blocks, resolve_window
+from napari_sparse3d.engine.volume import as_volume
+from napari_sparse3d.io.checkpoint import load_checkpoint, save_checkpoint
 
 MODELS = le.DATA_DIR / "models"
 OLD_DEFAULT = {"window": "patch", "overlap": 0.5, "mirror_tta": True}
@@ -69,11 +67,9 @@ def trained_model(image, instances, task: str, seed: int, steps: int):
         return load_checkpoint(path)
     truth = le.make_truth(instances, task)
     slices, _, sparse = le.annotation(truth, 2)
-    from napari_sparse3d.data import prepare_annotations
-    from napari_sparse3d.training import Trainer
+    from napari_sparse3d.engine.training import Trainer
 
-    trainer = Trainer(as_volume(image), prepare_annotations(sparse, image.shape, slices), spacing=le.SPACING,
-                      device="cpu", seed=seed)
+    trainer = Trainer.from_inputs(image, sparse, slices, spacing=le.SPACING, device="cpu", seed=seed)
     t0 = time.perf_counter()
     for _ in trainer.steps(max_iterations=steps):
         pass
@@ -191,7 +187,7 @@ def part_speed(args, image, instances, lines: list[str]) -> None:
         "| setting | window | windows | seconds | Mvox/s | network GFLOP/s | roofline fraction |",
         "|---|---|---|---|---|---|---|",
     ]
-    settings = {"**current default**": {}, **{k: v for k, v in CANDIDATES.items()}}
+    settings = {"**current default**": {}, **dict(CANDIDATES.items())}
     for name, fields in settings.items():
         cfg = PredictConfig(**{**PredictConfig().__dict__, **fields})
         if name != "**current default**" and cfg == PredictConfig():
@@ -199,9 +195,9 @@ def part_speed(args, image, instances, lines: list[str]) -> None:
         if cfg.mirror_tta and args.repeats > 1 and not args.time_mirrored:
             continue  # 8x the work: timed once in the dice part
         window = resolve_window(info, model, volume.spatial_shape, cfg)
-        n = _Grid(volume.spatial_shape, window, cfg.overlap, cfg.gaussian_sigma).count()
+        n = WindowGrid(volume.spatial_shape, window, cfg.overlap, cfg.gaussian_sigma).count()
         flops = window_flops(model, window, info.config.train.channels_last, dtype) * n * (8 if cfg.mirror_tta else 1)
-        seconds = timed(lambda: list(predict_blocks(volume, model, device="cpu", config=cfg)), args.repeats)
+        seconds = timed(lambda cfg=cfg: list(predict_blocks(volume, model, device="cpu", config=cfg)), args.repeats)
         lines.append(f"| {name} | {'x'.join(map(str, window))} | {n} | {seconds:.2f} | {image.size / seconds / 1e6:.2f} |"
                      f" {flops / seconds / 1e9:.1f} | {flops / seconds / peak:.2f} |")
         le.log(lines[-1])
@@ -218,7 +214,7 @@ def part_monai(args, image, instances, lines: list[str]) -> None:
     # equal work: the same windows and passes; each side batches them its own way (MONAI: 8 a batch, as
     # specified; napari-sparse3d: its default, which measured faster here than 8)
     cfg = PredictConfig(window="patch", overlap=0.5, mirror_tta=False)
-    n = _Grid(volume.spatial_shape, patch, 0.5, 0.125).count()
+    n = WindowGrid(volume.spatial_shape, patch, 0.5, 0.125).count()
     dtype = resolve_precision(torch.device("cpu"), info.config.train.precision)
 
     def ours():

@@ -31,16 +31,13 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import torch
 
-import label_efficiency as le  # noqa: E402  (also puts src/ on the path when not installed)
-
-import torch  # noqa: E402
-
-from napari_sparse3d.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from napari_sparse3d.config import Config  # noqa: E402
-from napari_sparse3d.data import as_volume, prepare_annotations  # noqa: E402
-from napari_sparse3d.devices import cpu_supports_bf16, resolve_precision  # noqa: E402
-from napari_sparse3d.training import Trainer  # noqa: E402
+import label_efficiency as le
+from napari_sparse3d.config import Config
+from napari_sparse3d.engine.devices import cpu_supports_bf16, resolve_precision
+from napari_sparse3d.engine.training import Trainer
+from napari_sparse3d.io.checkpoint import load_checkpoint, save_checkpoint
 
 
 def finite(model: torch.nn.Module) -> bool:
@@ -49,12 +46,11 @@ def finite(model: torch.nn.Module) -> bool:
 
 def one_run(image, truth, n: int, seed: int, precision: str, iterations: int, folder: Path) -> dict:
     slices, _, sparse = le.annotation(truth, n)
-    annotations = prepare_annotations(sparse, image.shape, slices)
     config = Config.from_dict({"train": {"precision": precision}})
     record = {"slices": n, "seed": seed, "error": None, "skipped": 0, "steps": 0, "loss": float("nan")}
     start = time.perf_counter()
     try:
-        trainer = Trainer(as_volume(image), annotations, spacing=le.SPACING, config=config, device="cpu", seed=seed)
+        trainer = Trainer.from_inputs(image, sparse, slices, spacing=le.SPACING, config=config, device="cpu", seed=seed)
         record["dtype"] = str(trainer.precision).replace("torch.", "")
         for report in trainer.steps(max_iterations=iterations):
             record["steps"], record["loss"], record["skipped"] = report.iteration, report.loss, report.skipped

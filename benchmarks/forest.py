@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-__all__ = ["rescale", "features", "fit_predict", "FOREST_DEFAULTS"]
+__all__ = ["FOREST_DEFAULTS", "features", "fit_predict", "rescale"]
 
 #: Parameters of the forest used by the benchmark (recorded with each result).
 FOREST_DEFAULTS = {

@@ -97,13 +97,12 @@ QUICK_SHAPE = (32, 96, 96)
 
 sys.path.insert(0, str(HERE))
 try:  # a checkout that is not installed: use its sources
-    import napari_sparse3d.metrics  # noqa: F401
+    import napari_sparse3d.evaluation.metrics  # noqa: F401
 except ImportError:
     sys.path.insert(1, str(HERE.parent / "src"))
 
-from napari_sparse3d.metrics import annotated_slice_mask, dice_per_class, mean_foreground_dice  # noqa: E402
-
-import forest  # noqa: E402
+import forest
+from napari_sparse3d.evaluation.metrics import annotated_slice_mask, dice_per_class, mean_foreground_dice
 
 
 def log(message: str) -> None:
@@ -265,7 +264,7 @@ class Results:
 def resolved_device(device: str) -> str:
     """The device that ``device`` ("auto", ...) stands for, with the GPU's name where there is one."""
     try:
-        from napari_sparse3d.devices import resolve_device
+        from napari_sparse3d.engine.devices import resolve_device
 
         dev = resolve_device(device)
     except Exception:

@@ -23,7 +23,6 @@ import threading
 import time
 
 
-
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
@@ -40,11 +39,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_sparse3d.data import as_volume, prepare_annotations
-    from napari_sparse3d.jobs import Phase, Preview, training_job
-    from napari_sparse3d.prediction import Block
+    from napari_sparse3d.engine.prediction import Block
+    from napari_sparse3d.engine.training import Trainer
+    from napari_sparse3d.loop.jobs import Phase, Preview, training_job
     from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
-    from napari_sparse3d.training import Trainer
 
     image, truth = make_cells(tuple(args.shape), classes=3, seed=0)
     slices = evenly_spaced_slices(image.shape, 2)
@@ -59,8 +57,7 @@ def main(argv=None) -> int:
     rss = []
     for cycle in range(1, args.cycles + 1):
         t0 = time.perf_counter()
-        volume = as_volume(image)
-        trainer = Trainer(volume, prepare_annotations(labels, image.shape, slices), device=args.device, seed=cycle)
+        trainer = Trainer.from_inputs(image, labels, slices, device=args.device, seed=cycle)
         stop = threading.Event()
         steps = previews = blocks = 0
         for item in training_job(trainer, stop=stop, view=lambda: region, preview_every=1.0):
@@ -68,12 +65,11 @@ def main(argv=None) -> int:
                 previews += 1
             elif isinstance(item, Block):
                 blocks += 1
-            elif not isinstance(item, Phase):
-                if hasattr(item, "loss"):
-                    steps += 1
-                    if steps >= args.steps:
-                        stop.set()
-        del trainer, volume, item
+            elif not isinstance(item, Phase) and hasattr(item, "loss"):
+                steps += 1
+                if steps >= args.steps:
+                    stop.set()
+        del trainer, item
         gc.collect()
         line = f"{cycle:5d}  {steps:5d}  {previews:8d}  {blocks:6d}  {time.perf_counter() - t0:7.1f}  {rss_mb():6.0f}"
         if cuda:
@@ -85,7 +81,8 @@ def main(argv=None) -> int:
         per_cycle = (rss[-1] - rss[2]) / (len(rss) - 3)
         print(f"RSS growth from cycle 3 to {len(rss)}: {rss[-1] - rss[2]:+.1f} MB ({per_cycle:+.2f} MB per cycle)")
     if cuda:
-        print(f"CUDA allocated after the last cycle, above the baseline: {torch.cuda.memory_allocated() / 2**20 - base_alloc:.1f} MB")
+        above = torch.cuda.memory_allocated() / 2**20 - base_alloc
+        print(f"CUDA allocated after the last cycle, above the baseline: {above:.1f} MB")
     return 0
 
 

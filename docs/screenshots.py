@@ -41,11 +41,10 @@ def main() -> int:
     # napari saves changed settings: keep ours away from the user's own settings file
     os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp()) / "settings.yaml")
     import napari
+    from napari.settings import get_settings
     from qtpy.QtWidgets import QApplication
 
     from napari_sparse3d.sample_data import make_cells
-
-    from napari.settings import get_settings
 
     # no notification toasts over the screenshots
     get_settings().application.gui_notification_level = "none"

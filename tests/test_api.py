@@ -1,3 +1,4 @@
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +166,18 @@ def test_a_correction_round_may_annotate_a_single_class(small_volume, tiny_confi
         napari_sparse3d.run(image, correction, max_iterations=1, config=tiny_config)
     res = napari_sparse3d.run(image, correction, max_iterations=1, config=tiny_config, init=first.model)
     assert res.history[-1].iteration == first.history[-1].iteration + 1
+
+
+def test_warm_start_with_a_subset_of_classes_keeps_the_models_class_order(small_volume, tiny_config):
+    image, labels, truth, slices = small_volume
+    first = _tiny_run(small_volume, tiny_config)  # classes [0, 1, 2]
+    only_two = np.where(labels == 1, 0, labels)  # a correction round that touched class 2 only
+    volume = as_volume(image)
+    ann = prepare_annotations(only_two, volume.spatial_shape, slices)
+    assert ann.class_values == [0, 2]
+    trainer = Trainer(volume, ann, config=tiny_config, device="cpu", init=first.model)
+    assert trainer.annotations.class_values == [0, 1, 2]
+    assert (trainer.annotations.target[only_two == 2] == 2).all()
+    res = napari_sparse3d.run(image, only_two, annotated_slices=slices, max_iterations=1, config=tiny_config,
+                              init=first.model)
+    assert res.class_values == [0, 1, 2]

@@ -1,31 +1,9 @@
-"""The interactive loop's state without Qt: slice register, suggestions, counts, corrections, jobs."""
+"""Sample data: the generated volume and the nuclei sample, found and opened on a default install."""
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from napari_sparse3d.loop.corrections import accept_slices, uncertain_slices, uncertainty
-from napari_sparse3d.loop.slices import SliceRegister, label_counts, next_even_slice
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def test_nuclei_sample_is_found_without_importing_its_package(tmp_path, monkeypatch):

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "predict", "RunResult", "Config", "__version__"]
+__all__ = ["Config", "RunResult", "__version__", "predict", "run"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import RunResult, predict, run
-    from .config import Config
+    from napari_sparse3d.api import RunResult, predict, run
+    from napari_sparse3d.config import Config
 
 _LAZY = {"run": "api", "predict": "api", "RunResult": "api", "Config": "config"}
 

@@ -1,22 +1,42 @@
 """The headless API: :func:`run` (train + predict) and :func:`predict`.
 
-Both are thin: they check their arguments, then drive the same generators
-the napari widgets use (:meth:`Trainer.steps`, :func:`predict_blocks`).
+Both are thin: they open files and projects (:mod:`napari_sparse3d.io`), check
+their arguments, then drive the same engine the napari docks use
+(:meth:`Trainer.from_inputs`, :meth:`Trainer.steps`, :func:`predict_volume`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from .config import Config
-from .data import _chunks, as_volume, check_budget, check_finite, check_spacing, prepare_annotations
+from napari_sparse3d.config import Config, resolve_config
+from napari_sparse3d.engine.checkpointing import CheckpointSaver
+from napari_sparse3d.engine.devices import resolve_device
+from napari_sparse3d.engine.model import UNet3D
+from napari_sparse3d.engine.prediction import PredictReport, predict_volume
+from napari_sparse3d.engine.trained import model_info
+from napari_sparse3d.engine.training import Trainer, TrainReport
+from napari_sparse3d.engine.volume import TrainingInputs, VolumeLike, as_volume, check_budget, check_finite, check_spacing
+from napari_sparse3d.io.arrays import open_input
+from napari_sparse3d.io.checkpoint import as_model, save_checkpoint
+from napari_sparse3d.io.outputs import PredictionOutput
+from napari_sparse3d.io.project import Project, is_project
 
-__all__ = ["RunResult", "run", "predict", "resolve_config"]
+__all__ = ["RunResult", "predict", "run"]
+
+#: An image or labels: numpy, zarr or dask array (anything with ``shape``, ``dtype`` and slicing), or a file path.
+ImageInput = ArrayLike | str | os.PathLike[str]
+#: A trained model, a checkpoint path, or a loaded checkpoint dict.
+ModelInput = UNet3D | str | os.PathLike[str] | Mapping[str, Any]
+#: Called with each training report, then with each prediction report.
+Progress = Callable[[TrainReport | PredictReport], object]
 
 #: Budget of :func:`run` when neither ``max_seconds`` nor ``max_iterations`` is given.
 DEFAULT_SECONDS = 120.0
@@ -28,45 +48,28 @@ class RunResult:
 
     labels: np.ndarray
     probabilities: np.ndarray
-    model: Any
+    model: UNet3D
     patch_size: tuple[int, int, int]
-    history: list = field(default_factory=list)
+    history: list[TrainReport] = field(default_factory=list)
     class_values: list[int] = field(default_factory=list)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a checkpoint that :func:`predict` and the console command accept."""
-        from .checkpoint import save_checkpoint
-
         return save_checkpoint(self.model, path)
 
 
-def resolve_config(config: Any, device_type: str = "cpu") -> Config:
-    """``None`` (the preset for the device), a preset name, a nested dict, or a :class:`Config`."""
-    if config is None:
-        from .config import default_preset
-
-        return Config.from_preset(default_preset(device_type))
-    if isinstance(config, Config):
-        return config
-    if isinstance(config, str):
-        return Config.from_preset(config)
-    if isinstance(config, Mapping):
-        return Config.from_dict(config)
-    raise TypeError(f"config must be None, a preset name, a dict or a Config, got {type(config).__name__}")
-
-
-def _check_seed(seed: Any) -> int:
+def _check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
 
 
-def _check_progress(progress: Any) -> None:
+def _check_progress(progress: object) -> None:
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable taking a report, or None, got {type(progress).__name__}")
 
 
-def _check_volume_finite(volume: Any, name: str = "image") -> None:
+def _check_volume_finite(volume: VolumeLike, name: str = "image") -> None:
     z, y, x = volume.spatial_shape
     step = max(1, 2**24 // (y * x * volume.channels))  # read ~16M voxels at a time
     for z0 in range(0, z, step):
@@ -74,8 +77,8 @@ def _check_volume_finite(volume: Any, name: str = "image") -> None:
 
 
 def run(
-    image: Any,
-    labels: Any = None,
+    image: ImageInput,
+    labels: ImageInput | None = None,
     *,
     annotated_slices: Mapping[int, Sequence[int]] | None = None,
     spacing: Sequence[float] | None = None,
@@ -83,11 +86,11 @@ def run(
     max_iterations: int | None = None,
     device: str = "auto",
     seed: int = 0,
-    config: Any = None,
-    progress: Callable[[Any], Any] | None = None,
+    config: Config | str | Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
     channel_axis: int | None = None,
     background_label: int | None = None,
-    init: Any = None,
+    init: ModelInput | None = None,
     checkpoint_every: float = 30.0,
 ) -> RunResult:
     """Train a 3D U-Net on sparse annotations of ``image`` and segment all of it.
@@ -141,198 +144,82 @@ def run(
     check_budget(max_seconds, max_iterations)
     seed = _check_seed(seed)
     _check_progress(progress)
-    from .project import Project, is_project
-
-    labels_given = labels is not None
-    # one writer at a time: refused while napari (or another run) writes into the project
-    project = Project.open(image, writable=True) if is_project(image) else None
-    try:
-        return _run_in(
-            project, image, labels, labels_given, annotated_slices, spacing, max_seconds, max_iterations, device,
-            seed, config, progress, channel_axis, background_label, init, checkpoint_every,
-        )
-    finally:
-        if project is not None:
-            project.close()
-
-
-def _run_in(
-    project: Any, image: Any, labels: Any, labels_given: bool, annotated_slices: Any, spacing: Any,
-    max_seconds: float | None, max_iterations: int | None, device: str, seed: int, config: Any,
-    progress: Any, channel_axis: int | None, background_label: int | None, init: Any, checkpoint_every: float,
-) -> RunResult:
-    """:func:`run` once its project, if any, is open for writing."""
-    if project is not None:
-        image = project.image()
-        if labels is None:
-            labels, saved_slices = project.annotations()
-            annotated_slices = saved_slices if annotated_slices is None else annotated_slices
-        if spacing is None:
-            spacing = project.spacing
-        if config is None:
-            config = project.config()
-        if init is None:
-            init = project.checkpoint("latest")
-    elif labels is None:
-        raise TypeError("labels must be an integer array or a path (0 = not annotated); only a project path may come without")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) or not checkpoint_every > 0:
         raise ValueError(f"checkpoint_every must be a positive number of seconds, got {checkpoint_every!r}")
-    spacing = check_spacing(spacing)
-    from .devices import resolve_device
-
-    # a warm start without a configuration keeps the checkpoint's own (not the device's preset)
-    cfg = None if config is None and init is not None else resolve_config(config, resolve_device(device).type)
-    volume = as_volume(image, channel_axis)
-    class_values = None
-    if init is not None:  # a correction round may touch a single class: the model knows the others
-        from .checkpoint import as_model
-
-        init = as_model(init, name="init")
-        class_values = init.sparse3d.class_values
-    annotations = prepare_annotations(
-        labels, volume.spatial_shape, annotated_slices, background_label, class_values=class_values
-    )
-    _check_volume_finite(volume)
     if max_seconds is None and max_iterations is None:
         max_seconds = DEFAULT_SECONDS
+    budget = {"max_seconds": max_seconds, "max_iterations": max_iterations}
+    options = {"device": device, "seed": seed, "channel_axis": channel_axis, "background_label": background_label}
+    labels = None if labels is None else open_input(labels, name="labels")
+    if not is_project(image):
+        if labels is None:
+            raise TypeError("labels must be an integer array or a path (0 = not annotated); only a project path may come without")
+        inputs = TrainingInputs(open_input(image, name="image"), labels, annotated_slices, spacing, config, init)
+        return _train_and_predict(inputs, None, budget, options, progress, checkpoint_every)
+    # one writer at a time: refused while napari (or another run) writes into the project
+    with Project.open(image, writable=True) as project:
+        inputs = project.training_inputs(
+            labels=labels, annotated_slices=annotated_slices, spacing=spacing, config=config, init=init
+        )
+        return _train_and_predict(inputs, project, budget, options, progress, checkpoint_every, save_labels=labels is not None)
 
-    from .training import Trainer
 
-    trainer = Trainer(volume, annotations, spacing=spacing, config=cfg, device=device, seed=seed, init=init)
-    if project is not None and labels_given:
-        project.save_annotations(labels, annotated_slices or {})
+def _train_and_predict(
+    inputs: TrainingInputs,
+    project: Project | None,
+    budget: dict[str, Any],
+    options: dict[str, Any],
+    progress: Progress | None,
+    checkpoint_every: float,
+    *,
+    save_labels: bool = False,
+) -> RunResult:
+    """:func:`run` once its inputs are known (and its project, if any, is open for writing)."""
+    device = options["device"]
+    spacing = check_spacing(inputs.spacing)
+    init = None if inputs.init is None else as_model(inputs.init, name="init")
+    # a warm start without a configuration keeps the checkpoint's own (not the device's preset)
+    config = None if inputs.config is None and init is not None else resolve_config(inputs.config, resolve_device(device).type)
+    volume = as_volume(inputs.image, options["channel_axis"])
+    trainer = Trainer.from_inputs(
+        volume, inputs.labels, inputs.annotated_slices, background_label=options["background_label"], spacing=spacing,
+        config=config, device=device, seed=options["seed"], init=init,
+    )
+    _check_volume_finite(volume)
+    if project is not None and save_labels:
+        project.save_annotations(inputs.labels, inputs.annotated_slices or {})
     history = []
-    from .project import CheckpointSaver
-
     saver = CheckpointSaver(project, checkpoint_every)
-    for report in trainer.steps(max_seconds=max_seconds, max_iterations=max_iterations):
+    for report in trainer.steps(**budget):
         history.append(report)
         saver.step(trainer.model)
         if progress is not None:
             progress(report)
     trainer.release()
     saver.final(trainer.model)
-    labels_out, probabilities = _predict_volume(volume, trainer.model, device, progress, keep_probabilities=True)
+    labels, probabilities = predict_volume(volume, trainer.model, device=device, progress=progress, keep_probabilities=True)
     if project is not None:
-        project.save_prediction(labels_out, probabilities)
+        project.save_prediction(labels, probabilities)
     return RunResult(
-        labels=labels_out,
+        labels=labels,
         probabilities=probabilities,
         model=trainer.model,
-        patch_size=tuple(trainer.patch_size),  # type: ignore[arg-type]
+        patch_size=trainer.patch_size,
         history=history,
         class_values=list(trainer.class_values),
     )
 
 
-def _predict_volume(
-    volume: Any,
-    model: Any,
-    device: str,
-    progress: Callable[[Any], Any] | None,
-    *,
-    out: Any = None,
-    keep_probabilities: bool = False,
-) -> tuple[Any, np.ndarray | None]:
-    from .prediction import predict_blocks
-
-    info = model.sparse3d
-    shape = volume.spatial_shape
-    if out is None:
-        dtype = np.min_scalar_type(max(max(info.class_values), 1))
-        out = np.zeros(shape, dtype=dtype)
-    probabilities = np.zeros((len(info.class_values),) + shape, np.float32) if keep_probabilities else None
-    chunks = getattr(out, "chunks", None)  # zarr: every output chunk is then written once, whole
-    if not (isinstance(chunks, tuple) and len(chunks) == 3 and all(isinstance(c, (int, np.integer)) for c in chunks)):
-        chunks = None
-    for block in predict_blocks(volume, model, device=device, progress=progress, chunks=chunks):
-        out[block.region] = block.labels
-        if probabilities is not None:
-            probabilities[(slice(None),) + block.region] = block.probabilities
-    return out, probabilities
-
-
-class _Output:
-    """Where :func:`predict` writes: an array, marked incomplete until the last block is in.
-
-    A path gets a zarr array written aside (a hidden sibling) and renamed into place
-    at the end, so an interrupted run never leaves a half-written array under the
-    name asked for, nor destroys what was there; the aside copy and a caller's
-    zarr array carry ``{"napari_sparse3d": {"complete": false}}`` until finished,
-    which :func:`~napari_sparse3d.data.load_array` refuses to read.
-    """
-
-    def __init__(self, out: Any, shape: tuple[int, ...], class_values: list[int], *, overwrite: bool, inputs: Sequence[Any]) -> None:
-        from .data import OUTPUT_ATTRIBUTE
-        from .files import is_zarr_array
-
-        self.final: Path | None = None
-        self.array: Any = None
-        if out is None:
-            return
-        if isinstance(out, (str, os.PathLike)):
-            import zarr
-
-            from .files import aside_path, check_output_path
-
-            self.final = check_output_path(
-                out, name="out", overwrite=overwrite, inputs=inputs, is_replaceable=is_zarr_array, what="zarr prediction"
-            )
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = aside_path(self.final)
-            dtype = np.min_scalar_type(max(max(class_values), 1))
-            self.array = zarr.create_array(str(self.tmp), shape=shape, dtype=dtype, chunks=_chunks(shape))
-            self.array.attrs[OUTPUT_ATTRIBUTE] = {"complete": False}
-            return
-        if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
-            raise TypeError(f"out must be a writable array (zarr or numpy) or a path, got {type(out).__name__}")
-        if tuple(out.shape) != tuple(shape):
-            raise ValueError(f"out must have the image's spatial shape {shape}, got {tuple(out.shape)}")
-        kind = np.dtype(out.dtype).kind
-        if kind not in "iu" or np.iinfo(out.dtype).max < max(class_values):
-            raise ValueError(f"out must have an integer dtype that holds label values up to {max(class_values)}, got {out.dtype}")
-        self.array = out
-        self._mark(False)
-
-    def _mark(self, complete: bool) -> None:
-        from .data import OUTPUT_ATTRIBUTE
-
-        attrs = getattr(self.array, "attrs", None)
-        if attrs is not None and hasattr(attrs, "__setitem__"):
-            try:
-                attrs[OUTPUT_ATTRIBUTE] = {"complete": complete}
-            except Exception:  # a read-only or foreign attribute store: nothing to mark
-                pass
-
-    def finish(self) -> Any:
-        self._mark(True)
-        if self.final is None:
-            return self.array
-        import zarr
-
-        from .files import replace_with
-
-        replace_with(self.tmp, self.final)
-        return zarr.open_array(str(self.final), mode="r+")
-
-    def abandon(self) -> None:
-        """After an error (not a kill): remove the aside copy; a caller's array stays marked incomplete."""
-        if self.final is not None:
-            import shutil
-
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def predict(
-    image: Any,
-    model_or_checkpoint: Any,
+    image: ImageInput,
+    model_or_checkpoint: ModelInput,
     *,
-    out: Any = None,
+    out: ArrayLike | str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     device: str = "auto",
-    progress: Callable[[Any], Any] | None = None,
+    progress: Progress | None = None,
     channel_axis: int | None = None,
-) -> Any:
+) -> Any:  # the labels: a numpy array, or ``out`` (zarr, numpy, ...)
     """Segment ``image`` with a trained model (fully automatic use).
 
     Parameters
@@ -359,15 +246,14 @@ def predict(
         The labels, (Z, Y, X) with the user's label values; ``out`` when given.
     """
     _check_progress(progress)
-    from .checkpoint import as_model
-    from .devices import resolve_device
-
     resolve_device(device)
     model = as_model(model_or_checkpoint, name="model_or_checkpoint")
-    volume = as_volume(image, channel_axis)
-    target = _Output(out, volume.spatial_shape, model.sparse3d.class_values, overwrite=overwrite, inputs=[image, model_or_checkpoint])
+    volume = as_volume(open_input(image, name="image"), channel_axis)
+    info = model_info(model)
+    inputs = [image, model_or_checkpoint]
+    target = PredictionOutput(out, volume.spatial_shape, info.class_values, overwrite=overwrite, inputs=inputs)
     try:
-        labels, _ = _predict_volume(volume, model, device, progress, out=target.array)
+        labels, _ = predict_volume(volume, model, device=device, progress=progress, out=target.array)
     except BaseException:
         target.abandon()
         raise

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .config import PRESETS
+from napari_sparse3d.config import PRESETS
 
-__all__ = ["main", "build_parser", "parse_slices"]
+__all__ = ["build_parser", "main", "parse_slices"]
 
 AXES = {"z": 0, "y": 1, "x": 2, "0": 0, "1": 1, "2": 2}
 
@@ -93,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("model", help="checkpoint written by train or run")
     pred.add_argument("images", nargs="+", help="volumes to segment")
     pred.add_argument("--output-dir", "-o", required=True, help="folder for <name>_labels.<format>")
-    pred.add_argument("--format", choices=["tif", "npy", "zarr"], default="tif", help="output format (zarr is written block by block)")
+    pred.add_argument(
+        "--format", choices=["tif", "npy", "zarr"], default="tif", help="output format (zarr is written block by block)"
+    )
     _add_common(pred)
 
     run = sub.add_parser(
@@ -137,7 +140,7 @@ class _Progress:
             return
         from tqdm.auto import tqdm
 
-        from .prediction import PredictReport
+        from napari_sparse3d.engine.prediction import PredictReport
 
         if isinstance(report, PredictReport):
             if self.phase != "predict":
@@ -181,8 +184,8 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .api import run
-    from .project import Project, is_project
+    from napari_sparse3d.api import run
+    from napari_sparse3d.io.project import Project, is_project
 
     project = is_project(args.image)
     if not project and (args.labels is None or args.output is None):
@@ -201,8 +204,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_project(args: argparse.Namespace) -> int:
-    from .data import load_array
-    from .project import Project
+    from napari_sparse3d.io.arrays import load_array
+    from napari_sparse3d.io.project import Project
 
     if args.image is None:
         project = Project.open(args.path)
@@ -255,16 +258,16 @@ def output_stems(images: Sequence[str]) -> list[str]:
 
 
 def _check_target(target: Path, overwrite: bool, inputs: Sequence[Any]) -> None:
-    from .files import check_output_path
+    from napari_sparse3d.io.files import check_output_path
 
     check_output_path(target, name="output", overwrite=overwrite, inputs=inputs,
                       what=f"{target.suffix.lower()} output of napari-sparse3d")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .api import predict
-    from .checkpoint import load_checkpoint
-    from .data import save_array
+    from napari_sparse3d.api import predict
+    from napari_sparse3d.io.arrays import save_array
+    from napari_sparse3d.io.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model)
     out_dir = Path(args.output_dir)
@@ -289,12 +292,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .api import run
-    from .data import load_array, save_array
-    from .metrics import annotated_slice_mask, dice_per_class
-    from .render import save_orthogonal_views
-
-    from .project import Project, is_project
+    from napari_sparse3d.api import run
+    from napari_sparse3d.evaluation.metrics import annotated_slice_mask, dice_per_class
+    from napari_sparse3d.evaluation.render import save_orthogonal_views
+    from napari_sparse3d.io.arrays import load_array, save_array
+    from napari_sparse3d.io.project import Project, is_project
 
     kwargs = _train_kwargs(args)
     truth = None
@@ -302,18 +304,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.sample:
         if args.image or args.labels:
             raise SystemExit("napari-sparse3d run: give either IMAGE LABELS or --sample, not both")
-        from .sample_data import evenly_spaced_slices, make_cells, sparse_annotations
+        from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
 
         image, truth = make_cells(classes=3 if args.sample == "cells3" else 2)
         kwargs["annotated_slices"] = evenly_spaced_slices(image.shape, args.sample_slices)
         labels = sparse_annotations(truth, kwargs["annotated_slices"])
     elif is_project(args.image):
-        project = Project.open(args.image)
-        image = project.image()
         labels = None if args.labels is None else load_array(args.labels, name="labels")
+        with Project.open(args.image) as project:  # what run() will train on, for the summary's views
+            saved = project.training_inputs(labels=labels, annotated_slices=kwargs["annotated_slices"])
+        image, kwargs["annotated_slices"] = saved.image, saved.annotated_slices
         run_target = args.image
-        if kwargs["annotated_slices"] is None and labels is None:
-            kwargs["annotated_slices"] = project.annotated_slices
     else:
         if not (args.image and args.labels):
             raise SystemExit("napari-sparse3d run: IMAGE and LABELS are required (or use --sample, or a project)")

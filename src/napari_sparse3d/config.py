@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["ModelConfig", "TrainConfig", "PredictConfig", "Config", "PRESETS", "default_preset"]
+__all__ = ["PRESETS", "Config", "ModelConfig", "PredictConfig", "TrainConfig", "default_preset", "resolve_config"]
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -177,7 +178,7 @@ class Config:
 
     # -- construction -----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
         """Build from a nested mapping; unknown keys are an error (typos must not pass silently)."""
         if not isinstance(data, Mapping):
             raise TypeError(f"config must be a mapping, got {type(data).__name__}")
@@ -195,7 +196,20 @@ class Config:
         return cls(**parts)
 
     @classmethod
-    def from_preset(cls, name: str = "default", **overrides: Mapping[str, Any]) -> "Config":
+    def from_preset(cls, name: str = "default", **overrides: Mapping[str, Any]) -> Config:
+        """Build a named preset, with some fields changed.
+
+        Parameters
+        ----------
+        name : {"default", "fast", "large"}
+            See :data:`PRESETS`.
+        **overrides : dict
+            Per section, the fields to change: ``Config.from_preset("fast", train={"batch_size": 1})``.
+
+        Returns
+        -------
+        Config
+        """
         if name not in PRESETS:
             raise ValueError(f"config: preset must be one of {sorted(PRESETS)}, got {name!r}")
         data = {k: dict(v) for k, v in PRESETS[name].items()}
@@ -203,8 +217,18 @@ class Config:
             data.setdefault(section, {}).update(values)
         return cls.from_dict(data)
 
-    def replace(self, **sections: Mapping[str, Any]) -> "Config":
-        """A copy with some fields changed: ``cfg.replace(train={"batch_size": 1})``."""
+    def replace(self, **sections: Mapping[str, Any]) -> Config:
+        """A copy with some fields changed, checked like a new configuration.
+
+        Parameters
+        ----------
+        **sections : dict
+            Per section, the fields to change: ``cfg.replace(train={"batch_size": 1})``.
+
+        Returns
+        -------
+        Config
+        """
         data = self.to_dict()
         for section, values in sections.items():
             if section not in data:
@@ -214,6 +238,8 @@ class Config:
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The configuration as nested plain dicts and lists (what :meth:`from_dict` takes)."""
+
         def plain(value: Any) -> Any:
             if isinstance(value, tuple):
                 return [plain(v) for v in value]
@@ -225,10 +251,12 @@ class Config:
         }
 
     def to_json(self) -> str:
+        """The configuration as a JSON string (kept in checkpoints and project manifests)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
+    def from_json(cls, text: str) -> Config:
+        """Parse what :meth:`to_json` wrote; unknown keys and bad values raise ``ValueError``."""
         return cls.from_dict(json.loads(text))
 
 
@@ -252,3 +280,28 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 def default_preset(device_type: str) -> str:
     """The preset ``config=None`` means on a device type ("cpu", "cuda", "mps")."""
     return "large" if device_type == "cuda" else "default"
+
+
+def resolve_config(config: Config | str | Mapping[str, Any] | None, device_type: str = "cpu") -> Config:
+    """The configuration a user's ``config=`` argument means.
+
+    Parameters
+    ----------
+    config : Config, str, dict or None
+        A configuration, a preset name, a nested dict, or ``None`` (the device's preset).
+    device_type : str
+        "cpu", "cuda" or "mps": which preset ``None`` means (see :func:`default_preset`).
+
+    Returns
+    -------
+    Config
+    """
+    if config is None:
+        return Config.from_preset(default_preset(device_type))
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, str):
+        return Config.from_preset(config)
+    if isinstance(config, Mapping):
+        return Config.from_dict(config)
+    raise TypeError(f"config must be None, a preset name, a dict or a Config, got {type(config).__name__}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["make_cells", "evenly_spaced_slices", "sparse_annotations", "napari_sample_volume"]
+__all__ = ["evenly_spaced_slices", "make_cells", "napari_sample_volume", "sparse_annotations"]
 
 
 def make_cells(
@@ -102,12 +102,13 @@ def napari_sample_volume() -> list[tuple[Any, dict, str]]:
     """napari sample data: the generated image and annotations on two slices per axis."""
     image, truth = make_cells()
     slices = evenly_spaced_slices(image.shape, 2)
+    register = {str(a): v for a, v in slices.items()}
     return [
         (image, {"name": "synthetic cells"}, "image"),
         (
             sparse_annotations(truth, slices),
             # the fully annotated slices, where the plugin's widgets look for them
-            {"name": "annotations", "metadata": {"napari_sparse3d": {"annotated_slices": {str(a): v for a, v in slices.items()}}}},
+            {"name": "annotations", "metadata": {"napari_sparse3d": {"annotated_slices": register}}},
             "labels",
         ),
         (truth, {"name": "truth", "visible": False}, "labels"),
@@ -149,5 +150,9 @@ def napari_nuclei_sample() -> list[tuple[Any, dict, str]]:
     spacing = (0.29, 0.26, 0.26)  # um, from the cells3d metadata
     return [
         (tifffile.imread(image_path), {"name": "nuclei", "scale": spacing}, "image"),
-        (tifffile.imread(label_path).astype(np.int32), {"name": "nuclei instances", "scale": spacing, "visible": False}, "labels"),
+        (
+            tifffile.imread(label_path).astype(np.int32),
+            {"name": "nuclei instances", "scale": spacing, "visible": False},
+            "labels",
+        ),
     ]

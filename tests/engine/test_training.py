@@ -1,20 +1,7 @@
 """Trainer: steps that cannot poison the model, back-off, and what a checkpoint carries on."""
 
-import numpy as np
-import pytest
-import torch
-import napari_sparse3d
-from napari_sparse3d.engine.training import Trainer
-from napari_sparse3d.engine.volume import as_volume, prepare_annotations
-from napari_sparse3d.evaluation.metrics import annotated_slice_mask, mean_foreground_dice
-from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
-import threading
-from pathlib import Path
-import numpy as np
-import pytest
-from napari_sparse3d.loop.corrections import accept_slices, uncertain_slices, uncertainty
-from napari_sparse3d.loop.slices import SliceRegister, label_counts, next_even_slice
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -253,7 +240,6 @@ def test_no_step_starts_past_a_time_budget(small_volume, tiny_config):
 
 def test_a_snapshot_from_another_thread_holds_the_weights_of_one_finished_step(small_volume, tiny_config):
     """What "Save model" in napari reads while the worker trains: never a mix of two steps."""
-    import threading
 
     from napari_sparse3d.io.checkpoint import load_checkpoint, save_checkpoint
 
@@ -354,7 +340,6 @@ def test_generator_stops_at_any_step_and_takes_new_annotations(small_volume, tin
 
 
 def test_prefetching_thread_ends_with_the_generator_and_drops_stale_batches(small_volume, tiny_config):
-    import threading
 
     image, labels, truth, slices = small_volume
     cfg = tiny_config.replace(train={"prefetch": True})
@@ -371,16 +356,3 @@ def test_prefetching_thread_ends_with_the_generator_and_drops_stale_batches(smal
     assert not any(t.name == "sparse3d-prefetch" for t in threading.enumerate())
 
 
-def test_warm_start_with_a_subset_of_classes_keeps_the_models_class_order(small_volume, tiny_config):
-    image, labels, truth, slices = small_volume
-    first = _tiny_run(small_volume, tiny_config)  # classes [0, 1, 2]
-    only_two = np.where(labels == 1, 0, labels)  # a correction round that touched class 2 only
-    volume = as_volume(image)
-    ann = prepare_annotations(only_two, volume.spatial_shape, slices)
-    assert ann.class_values == [0, 2]
-    trainer = Trainer(volume, ann, config=tiny_config, device="cpu", init=first.model)
-    assert trainer.annotations.class_values == [0, 1, 2]
-    assert (trainer.annotations.target[only_two == 2] == 2).all()
-    res = napari_sparse3d.run(image, only_two, annotated_slices=slices, max_iterations=1, config=tiny_config,
-                              init=first.model)
-    assert res.class_values == [0, 1, 2]

@@ -1,13 +1,11 @@
-"""The interactive loop's state without Qt: slice register, suggestions, counts, corrections, jobs."""
+"""Uncertainty, uncertain slices and accepting corrected slices, on plain arrays."""
 
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from napari_sparse3d.loop.corrections import accept_slices, uncertain_slices, uncertainty
-from napari_sparse3d.loop.slices import SliceRegister, label_counts, next_even_slice
+from napari_sparse3d.loop.slices import SliceRegister
 
 
 def test_uncertain_slices_skip_marked_and_neighbours():

@@ -1,13 +1,8 @@
-"""The interactive loop's state without Qt: slice register, suggestions, counts, corrections, jobs."""
+"""The docks' long jobs as plain generators: previews, phases, stop and cancel."""
 
 import threading
-from pathlib import Path
 
 import numpy as np
-import pytest
-
-from napari_sparse3d.loop.corrections import accept_slices, uncertain_slices, uncertainty
-from napari_sparse3d.loop.slices import SliceRegister, label_counts, next_even_slice
 
 
 def test_training_job_previews_stops_and_predicts(small_volume, tiny_config):

@@ -1,12 +1,9 @@
-"""The interactive loop's state without Qt: slice register, suggestions, counts, corrections, jobs."""
+"""Which slices are annotated and where to annotate next, on plain arrays."""
 
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from napari_sparse3d.loop.corrections import accept_slices, uncertain_slices, uncertainty
 from napari_sparse3d.loop.slices import SliceRegister, label_counts, next_even_slice
 
 

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "autocast", "cpu_supports_bf16"]
+__all__ = ["autocast", "cpu_supports_bf16", "release_cached_memory", "resolve_device", "resolve_precision"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -85,3 +85,9 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the memory the allocator keeps cached on ``device`` back to the driver (CUDA; elsewhere nothing)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

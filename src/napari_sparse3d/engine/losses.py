@@ -8,12 +8,12 @@ logits are never masked or zeroed; only the weights are.  Every reduction is
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["weighted_cross_entropy", "soft_dice_loss", "SparseLoss", "downsample_targets"]
+__all__ = ["SparseLoss", "downsample_targets", "soft_dice_loss", "weighted_cross_entropy"]
 
 _EPS = 1e-6
 

@@ -14,16 +14,20 @@ level.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from napari_sparse3d.config import ModelConfig
+from napari_sparse3d.engine.volume import Triple, int3
 
-__all__ = ["UNet3D", "plan_levels", "build_model"]
+if TYPE_CHECKING:  # the record of a trained network; engine.trained builds networks, so not imported at run time
+    from napari_sparse3d.engine.trained import ModelInfo
 
-Triple = tuple[int, int, int]
+__all__ = ["UNet3D", "build_model", "plan_levels"]
+
 
 
 def plan_levels(levels: int, spacing: Sequence[float] | None) -> tuple[list[Triple], list[Triple]]:
@@ -39,10 +43,10 @@ def plan_levels(levels: int, spacing: Sequence[float] | None) -> tuple[list[Trip
     for level in range(levels):
         finest = min(current)
         coarse = [s > 2 * finest for s in current]
-        kernels.append(tuple(1 if c else 3 for c in coarse))  # type: ignore[arg-type]
+        kernels.append(int3(1 if c else 3 for c in coarse))
         if level < levels - 1:
-            stride = tuple(1 if c else 2 for c in coarse)
-            strides.append(stride)  # type: ignore[arg-type]
+            stride = int3(1 if c else 2 for c in coarse)
+            strides.append(stride)
             current = [s * st for s, st in zip(current, stride)]
     return kernels, strides
 
@@ -108,7 +112,12 @@ class UNet3D(nn.Module):
     spacing : sequence of 3 floats, optional
         Voxel size (z, y, x), used to plan anisotropic kernels and strides when
         the configuration does not give them.
+
+    A trained network carries what is needed to use it as ``sparse3d`` (a
+    :class:`~napari_sparse3d.engine.trained.ModelInfo`); a fresh one has ``None``.
     """
+
+    sparse3d: ModelInfo | None
 
     def __init__(
         self,
@@ -118,6 +127,7 @@ class UNet3D(nn.Module):
         spacing: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.sparse3d = None
         config = config or ModelConfig()
         kernels, strides = plan_levels(config.levels, spacing)
         self.kernel_sizes: list[Triple] = list(config.kernel_sizes or kernels)
@@ -171,13 +181,19 @@ class UNet3D(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def scale_factors(self) -> list[Triple]:
+        """Per decoder output (finest first): how much coarser than the input it is, per axis."""
+        factors: list[Triple] = []
+        z = y = x = 1
+        for sz, sy, sx in self.strides:
+            z, y, x = z * sz, y * sy, x * sx
+            factors.append((z, y, x))
+        return factors
+
     @property
     def divisor(self) -> Triple:
         """Input sizes must be multiples of this (the product of the strides per axis)."""
-        out = [1, 1, 1]
-        for s in self.strides:
-            out = [o * v for o, v in zip(out, s)]
-        return tuple(out)  # type: ignore[return-value]
+        return self.scale_factors()[-1] if self.strides else (1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = []

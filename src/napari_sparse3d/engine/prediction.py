@@ -31,30 +31,35 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import ModelInfo, as_model
-from .config import PredictConfig
-from .data import Volume, check_finite
-from .devices import autocast, resolve_device, resolve_precision
+from napari_sparse3d.config import PredictConfig
+from napari_sparse3d.engine.devices import autocast, resolve_device, resolve_precision
+from napari_sparse3d.engine.model import UNet3D
+from napari_sparse3d.engine.preprocess import round_up
+from napari_sparse3d.engine.trained import ModelInfo, model_info, require_trained
+from napari_sparse3d.engine.volume import Box, VolumeLike, box3, check_finite, int3
 
 __all__ = [
     "Block",
     "PredictReport",
-    "window_starts",
+    "WindowGrid",
+    "context_box",
     "gaussian_importance",
-    "plan_window",
     "plan_tiles",
+    "plan_window",
     "predict_blocks",
     "predict_region",
-    "context_box",
+    "predict_volume",
+    "resolve_window",
+    "window_starts",
 ]
 
-Box = tuple[slice, slice, slice]
 
 
 @dataclass
@@ -98,10 +103,6 @@ def gaussian_importance(window: Sequence[int], sigma_fraction: float = 0.125) ->
     return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return int(-(-int(value) // int(multiple)) * int(multiple))
-
-
 def plan_window(
     patch_size: Sequence[int], divisor: Sequence[int], shape: Sequence[int], target_voxels: int
 ) -> tuple[int, int, int]:
@@ -113,7 +114,7 @@ def plan_window(
     volume allows).
     """
     patch = np.asarray(patch_size, dtype=float)
-    limit = np.array([_round_up(s, d) for s, d in zip(shape, divisor)], dtype=float)
+    limit = np.array([round_up(s, d) for s, d in zip(shape, divisor)], dtype=float)
     size = np.minimum(patch, limit)
     free = size < limit
     for _ in range(3):
@@ -128,7 +129,7 @@ def plan_window(
     for s, p, d, lim in zip(size, patch, divisor, limit):
         w = max(int(d), int(round(s / d)) * int(d))
         out.append(int(min(max(w, min(p, lim)), lim)))
-    return tuple(out)  # type: ignore[return-value]
+    return int3(out)
 
 
 def plan_tiles(
@@ -146,9 +147,9 @@ def plan_tiles(
     """
     shape = tuple(int(s) for s in shape)
     if int(np.prod(shape)) <= tile_voxels:
-        return [tuple(slice(0, s) for s in shape)]  # type: ignore[list-item]
+        return [box3(slice(0, s) for s in shape)]
     unit = [min(int(c), s) for c, s in zip(chunks or (1, 1, 1), shape)]
-    full = [_round_up(s, u) for s, u in zip(shape, unit)]
+    full = [round_up(s, u) for s, u in zip(shape, unit)]
     tile = list(unit)
     while True:
         growable = [a for a in range(3) if tile[a] < full[a]]
@@ -159,12 +160,12 @@ def plan_tiles(
         tile[a] = min(2 * tile[a], full[a])
     starts = [range(0, s, t) for s, t in zip(shape, tile)]
     return [
-        tuple(slice(o, min(o + t, s)) for o, t, s in zip(origin, tile, shape))  # type: ignore[misc]
+        box3(slice(o, min(o + t, s)) for o, t, s in zip(origin, tile, shape))
         for origin in itertools.product(*starts)
     ]
 
 
-class _Grid:
+class WindowGrid:
     """The global window grid, and the Gaussian weights it lays on each axis."""
 
     def __init__(self, shape: Sequence[int], window: Sequence[int], overlap: float, sigma: float) -> None:
@@ -208,19 +209,19 @@ def resolve_window(info: ModelInfo, model: torch.nn.Module, shape: Sequence[int]
     """The window a prediction of a volume of ``shape`` uses under ``config``."""
     divisor = tuple(model.divisor)
     if config.window == "patch":
-        return tuple(info.patch_size)  # type: ignore[return-value]
+        return int3(info.patch_size)
     if config.window == "auto":
         return plan_window(info.patch_size, divisor, shape, config.window_voxels)
-    window = tuple(int(w) for w in config.window)
+    window = int3(config.window)
     bad = [w for w, d in zip(window, divisor) if w % d]
     if bad:
         raise ValueError(f"config.predict.window {window} must be a multiple of the network's stride {divisor} per axis")
-    return window  # type: ignore[return-value]
+    return window
 
 
 def predict_blocks(
-    volume: Volume,
-    model: Any,
+    volume: VolumeLike,
+    model: UNet3D,
     *,
     device: str = "auto",
     config: PredictConfig | None = None,
@@ -233,8 +234,9 @@ def predict_blocks(
     Parameters
     ----------
     volume : Volume
-    model : trained model or checkpoint
-        See :func:`napari_sparse3d.checkpoint.as_model`.
+    model : UNet3D
+        A trained network (it carries ``model.sparse3d``; checkpoint files are opened
+        by :func:`napari_sparse3d.io.checkpoint.as_model`).
     device : str
     config : PredictConfig, optional
         Window, overlap, batch size, mirroring, tile size; default: the model's.
@@ -245,8 +247,8 @@ def predict_blocks(
     chunks : (z, y, x), optional
         The output's chunk shape: every block then covers whole chunks.
     """
-    model = as_model(model)
-    info: ModelInfo = model.sparse3d  # type: ignore[assignment]
+    model = require_trained(model)
+    info = model_info(model)
     config = config or info.config.predict
     if volume.channels != info.in_channels:
         raise ValueError(f"image has {volume.channels} channels, but the model was trained on {info.in_channels}")
@@ -258,7 +260,7 @@ def predict_blocks(
     model = model.to(dev, memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format).eval()
     shape = volume.spatial_shape
     window = resolve_window(info, model, shape, config)
-    grid = _Grid(shape, window, config.overlap, config.gaussian_sigma)
+    grid = WindowGrid(shape, window, config.overlap, config.gaussian_sigma)
     gauss = torch.from_numpy(gaussian_importance(window, config.gaussian_sigma)).to(dev)
     class_values = np.asarray(info.class_values)
     labels_dtype = np.min_scalar_type(max(int(class_values.max()), 1))
@@ -274,11 +276,11 @@ def predict_blocks(
         # the input under the tile's windows, read and normalised once; zeros (the mean) outside the volume
         lo = [min(s[a] for s in starts) for a in range(3)]
         hi = [max(s[a] for s in starts) + window[a] for a in range(3)]
-        inside = tuple(slice(l, min(h, n)) for l, h, n in zip(lo, hi, shape))
+        inside = tuple(slice(low, min(high, n)) for low, high, n in zip(lo, hi, shape))
         block = volume.read(inside)
         check_finite("image", block)
         block = info.normalization.apply(block)
-        image = torch.zeros((volume.channels, *(h - l for l, h in zip(lo, hi))), dtype=torch.float32)
+        image = torch.zeros((volume.channels, *(high - low for low, high in zip(lo, hi))), dtype=torch.float32)
         image[(slice(None),) + tuple(slice(0, s.stop - s.start) for s in inside)] = torch.from_numpy(block)
         del block
         image = image.to(dev)
@@ -286,7 +288,7 @@ def predict_blocks(
         acc = torch.zeros((len(class_values),) + tile_shape, dtype=torch.float32, device=dev)
         for first in range(0, len(starts), config.batch_size):
             chunk = starts[first : first + config.batch_size]
-            crops = [image[(slice(None),) + tuple(slice(a - l, a - l + w) for a, l, w in zip(s, lo, window))] for s in chunk]
+            crops = [image[(slice(None), *(slice(a - low, a - low + w) for a, low, w in zip(s, lo, window)))] for s in chunk]
             batch = torch.stack(crops)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
@@ -315,7 +317,7 @@ def predict_blocks(
 class _Crop:
     """A box of a :class:`Volume` that reads like a Volume (used to predict a region with context)."""
 
-    def __init__(self, volume: Volume, box: tuple[slice, slice, slice]) -> None:
+    def __init__(self, volume: VolumeLike, box: tuple[slice, slice, slice]) -> None:
         self.volume, self.box = volume, box
         self.channels = volume.channels
         self.spatial_shape = tuple(b.stop - b.start for b in box)
@@ -341,12 +343,12 @@ def context_box(
             start = max(0, min(size - w, (start + stop - w) // 2))
             stop = min(size, start + w)
         box.append(slice(start, stop))
-    return tuple(box)  # type: ignore[return-value]
+    return box3(box)
 
 
 def predict_region(
-    volume: Volume,
-    model: Any,
+    volume: VolumeLike,
+    model: UNet3D,
     region: Sequence[slice],
     *,
     device: str = "auto",
@@ -358,11 +360,38 @@ def predict_region(
     network sees the context it was trained with; the blocks yielded cover
     that box, in the volume's coordinates.
     """
-    model = as_model(model)
-    config = config or model.sparse3d.config.predict
-    box = context_box(
-        volume.spatial_shape, region, resolve_window(model.sparse3d, model, volume.spatial_shape, config)
-    )
-    for block in predict_blocks(_Crop(volume, box), model, device=device, config=config):  # type: ignore[arg-type]
-        shifted = tuple(slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, block.region))
-        yield Block(shifted, block.probabilities, block.labels)  # type: ignore[arg-type]
+    info = model_info(model)
+    config = config or info.config.predict
+    box = context_box(volume.spatial_shape, region, resolve_window(info, model, volume.spatial_shape, config))
+    for block in predict_blocks(_Crop(volume, box), model, device=device, config=config):
+        shifted = box3(slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, block.region))
+        yield Block(shifted, block.probabilities, block.labels)
+
+
+def predict_volume(
+    volume: VolumeLike,
+    model: UNet3D,
+    *,
+    device: str = "auto",
+    progress: Callable[[PredictReport], Any] | None = None,
+    out: Any = None,
+    keep_probabilities: bool = False,
+) -> tuple[Any, np.ndarray | None]:
+    """Segment a whole volume into ``out`` (a new array by default), block by block.
+
+    Returns ``(labels, probabilities)``; the probabilities ``(K, Z, Y, X)`` only with
+    ``keep_probabilities``.  A zarr ``out`` gets each of its chunks written once, whole.
+    """
+    info = model_info(model)
+    shape = volume.spatial_shape
+    if out is None:
+        out = np.zeros(shape, dtype=np.min_scalar_type(max(max(info.class_values), 1)))
+    probabilities = np.zeros((len(info.class_values), *shape), np.float32) if keep_probabilities else None
+    chunks = getattr(out, "chunks", None)
+    if not (isinstance(chunks, tuple) and len(chunks) == 3 and all(isinstance(c, (int, np.integer)) for c in chunks)):
+        chunks = None
+    for block in predict_blocks(volume, model, device=device, progress=progress, chunks=chunks):
+        out[block.region] = block.labels
+        if probabilities is not None:
+            probabilities[(slice(None), *block.region)] = block.probabilities
+    return out, probabilities

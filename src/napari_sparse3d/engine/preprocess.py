@@ -8,14 +8,14 @@ normalised the same way at prediction time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
-from .data import Volume, check_finite
+from napari_sparse3d.engine.volume import Volume, check_finite, int3
 
-__all__ = ["Normalization", "compute_normalization", "plan_patch_size", "dominant_slice_axis"]
+__all__ = ["Normalization", "compute_normalization", "dominant_slice_axis", "plan_patch_size", "round_up"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Normalization:
         return {k: list(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Normalization":
+    def from_dict(cls, data: dict) -> Normalization:
         return cls(**{k: tuple(float(x) for x in data[k]) for k in ("lower", "upper", "mean", "std")})
 
 
@@ -71,8 +71,9 @@ def compute_normalization(volume: Volume, *, max_samples: int = 4_000_000, name:
     return Normalization(tuple(lower), tuple(upper), tuple(mean), tuple(std))
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return int(-(-value // multiple) * multiple)
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``value``."""
+    return int(-(-int(value) // int(multiple)) * int(multiple))
 
 
 def dominant_slice_axis(slice_counts: Sequence[int], share: float = 0.5) -> int | None:
@@ -107,7 +108,7 @@ def plan_patch_size(
     benchmarks/label_efficiency.py: more accurate and less seed-dependent).
     """
     spacing = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), dtype=float)
-    limit = np.array([_round_up(int(s), int(d)) for s, d in zip(shape, divisor)], dtype=float)
+    limit = np.array([round_up(int(s), int(d)) for s, d in zip(shape, divisor)], dtype=float)
     size = 1.0 / spacing  # physical cube
     if flatten_axis is not None:
         cube_side = (target_voxels / np.prod(size)) ** (1 / 3) * size[flatten_axis]
@@ -130,4 +131,4 @@ def plan_patch_size(
     for s, d, lim in zip(size, divisor, limit):
         p = max(int(d), int(round(s / d)) * int(d))
         patch.append(int(min(p, lim)))
-    return tuple(patch)  # type: ignore[return-value]
+    return int3(patch)

@@ -3,20 +3,23 @@
 Every patch contains annotated voxels (it is placed around one), and a
 ``foreground_fraction`` share of them (a third by default, nnU-Net's rule)
 around a voxel of a foreground class picked uniformly among the classes, so
-that rare classes such as thin boundaries are seen often.
+that rare classes such as thin boundaries are seen often.  A :class:`Prefetcher`
+draws the next batches in a background thread while the network trains.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import queue
+import threading
+from collections.abc import Sequence
 
 import numpy as np
 
-from .augment import Augmenter
-from .data import Volume
-from .preprocess import Normalization
+from napari_sparse3d.engine.augment import Augmenter
+from napari_sparse3d.engine.preprocess import Normalization
+from napari_sparse3d.engine.volume import Volume
 
-__all__ = ["class_weights", "PatchSampler"]
+__all__ = ["PatchSampler", "Prefetcher", "class_weights"]
 
 
 def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
@@ -100,10 +103,6 @@ class PatchSampler:
     def target(self) -> np.ndarray:
         return self._state[0]
 
-    @property
-    def foreground_classes_present(self) -> list[int]:
-        return list(self._state[3])
-
     def _origin(self, flat_index: int, rng: np.random.Generator) -> tuple[int, ...]:
         shape = self.target.shape
         centre = np.unravel_index(int(flat_index), shape)
@@ -143,3 +142,55 @@ class PatchSampler:
             targets.append(target)
             weights.append(weight)
         return np.stack(images), np.stack(targets), np.stack(weights)
+
+
+class Prefetcher:
+    """Draws the next batches in a background thread while the network trains on the current one.
+
+    Batches drawn before the annotations changed are discarded (each carries
+    the generation of the targets it was drawn from).
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, rng: np.random.Generator, depth: int = 2) -> None:
+        self.sampler, self.batch_size, self.rng = sampler, batch_size, rng
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.generation = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._work, name="sparse3d-prefetch", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while not self.stopped.is_set():
+            generation = self.generation
+            try:
+                item = (generation, self.sampler.sample(self.batch_size, self.rng), None)
+            except Exception as exc:  # handed to the training thread, which raises it
+                item = (generation, None, exc)
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        while True:
+            try:
+                generation, batch, error = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the batch prefetching thread stopped unexpectedly") from None
+                continue
+            if error is not None:
+                raise error
+            if generation == self.generation:
+                return batch
+
+    def invalidate(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)

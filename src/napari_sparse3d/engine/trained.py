@@ -1,29 +1,41 @@
-"""Checkpoints: a trained network plus everything needed to use it.
+"""A trained network and what travels with it: :class:`ModelInfo`, and its checkpoint payload.
 
-A checkpoint alone is enough to predict: it carries the configuration, the
-class values (channel k <-> user's label value), the normalisation
-statistics, the patch size and the voxel spacing.  It holds only tensors,
-strings and numbers, so it loads with ``torch.load(weights_only=True)`` and
-never unpickles code.
+A trained :class:`~napari_sparse3d.engine.model.UNet3D` carries a
+:class:`ModelInfo` as ``model.sparse3d``: the configuration, the class values
+(channel k <-> user's label value), the normalisation statistics, the patch
+size and the voxel spacing.  That is enough to predict, so a checkpoint is the
+weights plus this record.  The payload holds only tensors, strings and numbers:
+it loads with ``torch.load(weights_only=True)`` and never unpickles code.
+Files (where, atomically, refusing what) are :mod:`napari_sparse3d.io.checkpoint`'s business.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import Config
-from .files import write_aside
-from .model import UNet3D, build_model
-from .preprocess import Normalization
+from napari_sparse3d.config import Config
+from napari_sparse3d.engine.model import UNet3D, build_model
+from napari_sparse3d.engine.preprocess import Normalization
+from napari_sparse3d.engine.volume import check_spacing, int3
 
-__all__ = ["ModelInfo", "save_checkpoint", "load_checkpoint", "as_model", "thin_history", "FORMAT", "FORMAT_VERSION"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ModelInfo",
+    "from_payload",
+    "model_info",
+    "read_payload",
+    "require_trained",
+    "thin_history",
+    "to_payload",
+    "write_payload",
+]
 
 FORMAT = "napari-sparse3d-checkpoint"
 FORMAT_VERSION = 1
@@ -52,7 +64,7 @@ def thin_history(history: list[dict[str, Any]], limit: int = HISTORY_LIMIT) -> l
 
 @dataclass
 class ModelInfo:
-    """What travels with a trained network (attached to it as ``model.sparse3d``)."""
+    """What travels with a trained network (its typed attribute ``model.sparse3d``)."""
 
     config: Config
     class_values: list[int]
@@ -77,41 +89,63 @@ class ModelInfo:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
         return cls(
             config=Config.from_json(data["config"]),
             class_values=[int(v) for v in data["class_values"]],
             normalization=Normalization.from_dict(data["normalization"]),
-            patch_size=tuple(int(p) for p in data["patch_size"]),  # type: ignore[arg-type]
-            spacing=None if data["spacing"] is None else tuple(float(s) for s in data["spacing"]),  # type: ignore[arg-type]
+            patch_size=int3(data["patch_size"]),
+            spacing=check_spacing(data["spacing"]),
             in_channels=int(data["in_channels"]),
             history=list(data.get("history", [])),
         )
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (which must carry ``model.sparse3d``) atomically: write aside, then rename."""
-    info = _info(model, "model")
-    from . import __version__
+def model_info(model: Any, name: str = "model") -> ModelInfo:
+    """The :class:`ModelInfo` of a trained network; a ``TypeError`` naming ``name`` for anything else."""
+    info = getattr(model, "sparse3d", None)
+    if not isinstance(model, nn.Module) or not isinstance(info, ModelInfo):
+        raise TypeError(
+            f"{name} must be a model returned by napari_sparse3d.run/train or loaded from a checkpoint"
+            f" (it carries normalisation and class values); got a {type(model).__name__} without them"
+        )
+    return info
 
+
+def require_trained(model: Any, name: str = "model") -> UNet3D:
+    """``model`` itself, checked to be a trained network (see :func:`model_info`)."""
+    model_info(model, name)
+    return model
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def to_payload(model: nn.Module, *, where: str, package_version: str) -> dict[str, Any]:
+    """The checkpoint of a trained ``model``: plain containers of CPU tensors, strings and numbers.
+
+    A model with non-finite weights is refused (``where`` names the destination in the error).
+    """
+    info = model_info(model, "model")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = _non_finite(state)
     if bad:
-        raise ValueError(f"model: weights {bad[:3]} hold NaN or infinite values; refusing to save a broken model to {str(path)!r}")
-    payload = {
+        raise ValueError(f"model: weights {bad[:3]} hold NaN or infinite values; refusing to save a broken model to {where!r}")
+    payload: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "package_version": __version__,
+        "package_version": package_version,
         "info": info.to_dict(),
         "state_dict": state,
     }
     if info.optimizer_state is not None:
         payload["optimizer"] = _cpu(info.optimizer_state)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with write_aside(path) as tmp:  # a unique name beside it, flushed to disk, then renamed
-        torch.save(payload, tmp)
-    return path
+    return payload
+
+
+def write_payload(payload: dict[str, Any], path: str | os.PathLike) -> None:
+    torch.save(payload, path)
 
 
 def _torch_version() -> tuple[int, int]:
@@ -122,27 +156,24 @@ def _torch_version() -> tuple[int, int]:
         return (99, 0)
 
 
-def load_checkpoint(source: str | os.PathLike | dict, *, map_location: str | torch.device = "cpu") -> UNet3D:
-    """Rebuild the network of a checkpoint (path or loaded dict), with ``model.sparse3d`` attached."""
-    if isinstance(source, dict):
-        payload = source
-        where = "checkpoint dict"
-    else:
-        where = str(source)
-        if not Path(source).is_file():
-            raise ValueError(f"checkpoint: file {where!r} does not exist")
-        if _torch_version() < (2, 6):  # CVE-2025-32434: weights_only loading could still run code
-            raise RuntimeError(
-                f"checkpoint: loading {where!r} needs torch >= 2.6 (this is torch {torch.__version__}, whose"
-                " weights_only loading can run code from a crafted file); upgrade torch"
-            )
-        try:
-            # weights_only: the unpickler builds tensors and plain containers only, so a crafted
-            # file cannot run code (torch >= 2.6, see setup.cfg)
-            payload = torch.load(source, map_location=map_location, weights_only=True)
-        except Exception as exc:  # a truncated, foreign or hostile file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"checkpoint: {where!r} is not a readable napari-sparse3d checkpoint ({first[:200]})") from None
+def read_payload(path: str | os.PathLike, *, where: str, map_location: str | torch.device = "cpu") -> Any:
+    """Unpickle a checkpoint file safely: tensors and plain containers only, never code."""
+    if _torch_version() < (2, 6):  # CVE-2025-32434: weights_only loading could still run code
+        raise RuntimeError(
+            f"checkpoint: loading {where!r} needs torch >= 2.6 (this is torch {torch.__version__}, whose"
+            " weights_only loading can run code from a crafted file); upgrade torch"
+        )
+    try:
+        # weights_only: the unpickler builds tensors and plain containers only, so a crafted
+        # file cannot run code (torch >= 2.6, see setup.cfg)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated, foreign or hostile file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint: {where!r} is not a readable napari-sparse3d checkpoint ({first[:200]})") from None
+
+
+def from_payload(payload: Any, *, where: str) -> UNet3D:
+    """Rebuild and check the network of a loaded checkpoint; untrusted input gets a ``ValueError`` naming ``where``."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint: {where!r} is not a napari-sparse3d checkpoint")
     version = payload.get("format_version", 0)
@@ -163,13 +194,15 @@ def load_checkpoint(source: str | os.PathLike | dict, *, map_location: str | tor
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         # a checkpoint from elsewhere is untrusted input: say what is wrong, not where torch noticed it
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint: {where!r} does not describe a valid network ({type(exc).__name__}: {detail[:300]})") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        raise ValueError(
+            f"checkpoint: {where!r} does not describe a valid network ({type(exc).__name__}: {detail[:300]})"
+        ) from None
+    bad = _non_finite(state)
     if bad:
         raise ValueError(f"checkpoint: {where!r} holds NaN or infinite weights ({', '.join(bad[:3])}); it cannot predict")
     optimizer = payload.get("optimizer")
     info.optimizer_state = optimizer if isinstance(optimizer, dict) else None
-    model.sparse3d = info  # type: ignore[assignment]
+    model.sparse3d = info
     model.eval()
     return model
 
@@ -183,25 +216,3 @@ def _cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_cpu(v) for v in value)
     return value
-
-
-def _info(model: Any, name: str) -> ModelInfo:
-    info = getattr(model, "sparse3d", None)
-    if not isinstance(info, ModelInfo):
-        raise TypeError(
-            f"{name} must be a model returned by napari_sparse3d.run/train or loaded from a checkpoint"
-            f" (it carries normalisation and class values); got a {type(model).__name__} without them"
-        )
-    return info
-
-
-def as_model(model_or_checkpoint: Any, *, name: str = "model") -> UNet3D:
-    """Accept a trained model, a checkpoint path, or a loaded checkpoint dict."""
-    if isinstance(model_or_checkpoint, (str, os.PathLike, dict)):
-        return load_checkpoint(model_or_checkpoint)
-    if isinstance(model_or_checkpoint, nn.Module):
-        _info(model_or_checkpoint, name)
-        return model_or_checkpoint  # type: ignore[return-value]
-    raise TypeError(
-        f"{name} must be a trained model, a checkpoint path or a checkpoint dict, got {type(model_or_checkpoint).__name__}"
-    )

@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import copy
 import math
-import queue
 import threading
 import time
 import warnings
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Generator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .augment import Augmenter
-from .checkpoint import HISTORY_LIMIT, ModelInfo, as_model, thin_history
-from .config import Config, default_preset
-from .data import Annotations, Volume, check_budget, prepare_annotations
-from .devices import autocast, resolve_device, resolve_precision
-from .losses import SparseLoss
-from .model import UNet3D, build_model
-from .preprocess import compute_normalization, dominant_slice_axis, plan_patch_size
-from .sampling import PatchSampler, class_weights
+from napari_sparse3d.config import Config
+from napari_sparse3d.engine.augment import Augmenter
+from napari_sparse3d.engine.devices import autocast, release_cached_memory, resolve_device, resolve_precision
+from napari_sparse3d.engine.losses import SparseLoss
+from napari_sparse3d.engine.model import UNet3D
+from napari_sparse3d.engine.planning import plan_training
+from napari_sparse3d.engine.sampling import PatchSampler, Prefetcher, class_weights
+from napari_sparse3d.engine.trained import HISTORY_LIMIT, ModelInfo, model_info, thin_history
+from napari_sparse3d.engine.volume import Annotations, Volume, as_volume, check_budget, prepare_annotations
 
 __all__ = ["TrainReport", "Trainer"]
 
@@ -55,75 +55,25 @@ class TrainReport:
         return asdict(self)
 
 
-class _Prefetcher:
-    """Draws the next batches in a background thread while the network trains on the current one.
-
-    Batches drawn before the annotations changed are discarded (each carries
-    the generation of the targets it was drawn from).
-    """
-
-    def __init__(self, sampler: PatchSampler, batch_size: int, rng: np.random.Generator, depth: int = 2) -> None:
-        self.sampler, self.batch_size, self.rng = sampler, batch_size, rng
-        self.queue: queue.Queue = queue.Queue(depth)
-        self.generation = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._work, name="sparse3d-prefetch", daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        while not self.stopped.is_set():
-            generation = self.generation
-            try:
-                item = (generation, self.sampler.sample(self.batch_size, self.rng), None)
-            except Exception as exc:  # handed to the training thread, which raises it
-                item = (generation, None, exc)
-            while not self.stopped.is_set():
-                try:
-                    self.queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
-
-    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        while True:
-            try:
-                generation, batch, error = self.queue.get(timeout=1.0)
-            except queue.Empty:
-                if not self.thread.is_alive():
-                    raise RuntimeError("the batch prefetching thread stopped unexpectedly") from None
-                continue
-            if error is not None:
-                raise error
-            if generation == self.generation:
-                return batch
-
-    def invalidate(self) -> None:
-        self.generation += 1
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-
-
 class Trainer:
     """State of one training session; see the module docstring.
 
     Parameters
     ----------
     volume : Volume
-        The image (see :func:`napari_sparse3d.data.as_volume`).
+        The image (see :func:`napari_sparse3d.engine.volume.as_volume`).
     annotations : Annotations
-        From :func:`napari_sparse3d.data.prepare_annotations`.
+        From :func:`napari_sparse3d.engine.volume.prepare_annotations`.
     spacing : (z, y, x) or None
     config : Config
     device : str
         "auto", "cpu", "cuda", "cuda:N" or "mps".
     seed : int
-    init : model or checkpoint, optional
-        Warm start: continue from these weights (their classes, normalisation
-        and architecture are kept).
+    init : UNet3D, optional
+        Warm start: continue from this trained network (its classes, normalisation
+        and architecture are kept; see :func:`napari_sparse3d.engine.planning.plan_training`).
+
+    Most callers want :meth:`from_inputs`, which checks user inputs first.
     """
 
     def __init__(
@@ -135,7 +85,7 @@ class Trainer:
         config: Config | None = None,
         device: str = "auto",
         seed: int = 0,
-        init: Any = None,
+        init: UNet3D | None = None,
     ) -> None:
         self.volume = volume
         self.device = resolve_device(device)
@@ -143,65 +93,34 @@ class Trainer:
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
-        if init is not None:
-            model = as_model(init, name="init")
-            info: ModelInfo = model.sparse3d  # type: ignore[assignment]
-            if info.in_channels != volume.channels:
-                raise ValueError(f"init: the model takes {info.in_channels} channels, the image has {volume.channels}")
-            # the architecture is the checkpoint's; training and prediction settings may change
-            self.config = Config(info.config.model, config.train, config.predict) if config else info.config
-            self.normalization = info.normalization
-            self.class_values = info.class_values
-            # new labels may hold only some of the model's classes: index them the model's way
-            annotations = annotations.remap(self.class_values)
-            self.spacing = info.spacing if spacing is None else tuple(spacing)
-            self.patch_size = info.patch_size
-            self.history: list[dict[str, Any]] = list(info.history)
-        else:
-            self.config = config or Config.from_preset(default_preset(self.device.type))
-            self.spacing = None if spacing is None else tuple(spacing)
-            self.normalization = compute_normalization(volume)
-            self.class_values = annotations.class_values
-            model = build_model(volume.channels, len(self.class_values), self.config.model, self.spacing)
-            self.history = []
-            flatten = dominant_slice_axis(annotations.slice_counts()) if self.config.train.flatten_patches else None
-            self.patch_size = self.config.train.patch_size or plan_patch_size(
-                volume.spatial_shape, self.spacing, model.divisor, self.config.train.patch_voxels, flatten_axis=flatten
-            )
-            bad = [p for p, d in zip(self.patch_size, model.divisor) if p % d]
-            if bad:
-                raise ValueError(
-                    f"config.train.patch_size {self.patch_size} must be a multiple of the network's stride {model.divisor}"
-                )
-        # the planned architecture (kernels and strides from the spacing) travels in the configuration, so a
-        # checkpoint rebuilds this very network whatever spacing a later warm start trains with
-        self.config = self.config.replace(
-            model={"kernel_sizes": [list(k) for k in model.kernel_sizes], "strides": [list(s) for s in model.strides]}
-        )
+        plan = plan_training(volume, annotations, spacing=spacing, config=config, device_type=self.device.type, init=init)
+        self.config, self.normalization, self.class_values = plan.config, plan.normalization, plan.class_values
+        self.spacing, self.patch_size, self.history = plan.spacing, plan.patch_size, plan.history
+        annotations, model = plan.annotations, plan.model
         self.precision = resolve_precision(self.device, self.config.train.precision)
         self.model: UNet3D = model.to(self.device)
         if self.config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self.model.sparse3d = self._info()  # type: ignore[assignment]
+        # what travels with the network; its history is this trainer's list, so it grows step by step
+        self.model.sparse3d = ModelInfo(
+            self.config, list(self.class_values), self.normalization, self.patch_size, self.spacing, volume.channels, self.history
+        )
         self.iteration = int(self.history[-1]["iteration"]) if self.history else 0
         tc = self.config.train
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
-        if init is not None and info.optimizer_state is not None:
-            self._restore_optimizer(info.optimizer_state)
+        if plan.optimizer_state is not None:
+            self._restore_optimizer(plan.optimizer_state)
         self.model.sparse3d.optimizer_state = self.optimizer.state_dict()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == torch.float16)
         self._lr_scale = 1.0
         self._round_precision = self.precision
         self.skipped_steps = 0  # over all rounds
         foreground = [k for k, v in enumerate(self.class_values) if v != 0]
-        factors = []
-        for i in range(1, len(self.model.strides) + 1):
-            factors.append(tuple(int(np.prod([s[a] for s in self.model.strides[:i]])) for a in range(3)))
         self.loss_fn = SparseLoss(
             len(self.class_values),
             dice_weight=tc.dice_weight,
             dice_classes=foreground if 0 in self.class_values else None,
-            scale_factors=factors,
+            scale_factors=self.model.scale_factors(),
         )
         spacing = self.spacing or (1.0, 1.0, 1.0)
         self.sampler = PatchSampler(
@@ -215,22 +134,39 @@ class Trainer:
             augmenter=Augmenter(tc.flip, tc.rotate90, tc.intensity, square_yx=math.isclose(spacing[1], spacing[2])),
         )
         self.annotations = annotations
-        self._prefetcher: _Prefetcher | None = None
+        self._prefetcher: Prefetcher | None = None
         self.batch_size = tc.batch_size  # halved when the GPU runs out of memory
 
-    # -- state ------------------------------------------------------------------------
-    def _info(self) -> ModelInfo:
-        return ModelInfo(
-            config=self.config,
-            class_values=list(self.class_values),
-            normalization=self.normalization,
-            patch_size=tuple(self.patch_size),  # type: ignore[arg-type]
-            spacing=self.spacing,  # type: ignore[arg-type]
-            in_channels=self.volume.channels,
-            history=self.history,
-            optimizer_state=None,
-        )
+    @classmethod
+    def from_inputs(
+        cls,
+        image: Any,
+        labels: Any,
+        annotated_slices: Mapping[int, Sequence[int]] | None = None,
+        *,
+        channel_axis: int | None = None,
+        background_label: int | None = None,
+        spacing: Sequence[float] | None = None,
+        config: Config | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        init: UNet3D | None = None,
+    ) -> Trainer:
+        """The one way to start a training run from user inputs: arrays in, checked, a :class:`Trainer` out.
 
+        ``image`` is an array (or a :class:`~napari_sparse3d.engine.volume.Volume`),
+        ``labels`` napari-style (0 = not annotated); with a warm start (``init``) the
+        labels are indexed by the model's classes, so a correction round may touch
+        a single class.  Files are opened by the caller (:mod:`napari_sparse3d.io`).
+        """
+        volume = image if isinstance(image, Volume) else as_volume(image, channel_axis)
+        class_values = None if init is None else model_info(init, "init").class_values
+        annotations = prepare_annotations(
+            labels, volume.spatial_shape, annotated_slices, background_label, class_values=class_values
+        )
+        return cls(volume, annotations, spacing=spacing, config=config, device=device, seed=seed, init=init)
+
+    # -- state ------------------------------------------------------------------------
     def _restore_optimizer(self, state: Any) -> None:
         """Continue AdamW's moments from a checkpoint; a state that does not fit the network is refused."""
         params = list(self.model.parameters())
@@ -272,14 +208,12 @@ class Trainer:
     def release(self) -> None:
         """Give cached GPU memory back (call when training stops)."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(self.device)
 
     def _out_of_memory(self, exc: BaseException) -> None:
         """Retry with half the batch (and say so), down to one patch; then give up with advice."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(self.device)
         if self.batch_size <= 1:
             raise MemoryError(
                 f"out of {self.device.type} memory even with one patch of {tuple(self.patch_size)} voxels; choose a"
@@ -384,7 +318,7 @@ class Trainer:
         """
         check_budget(max_seconds, max_iterations)
         if self.config.train.prefetch:
-            self._prefetcher = _Prefetcher(self.sampler, self.config.train.batch_size, self.rng)
+            self._prefetcher = Prefetcher(self.sampler, self.config.train.batch_size, self.rng)
         try:
             yield from self._loop(max_seconds, max_iterations)
         finally:  # also when the caller closes the generator

@@ -1,195 +1,41 @@
-"""Inputs at the boundary: images, labels and annotated slices, checked once.
+"""The engine's inputs: images, labels and annotated slices, checked once.
 
-Everything a user can hand to :func:`napari_sparse3d.run` or
+Every array a user can hand to :func:`napari_sparse3d.run` or
 :func:`napari_sparse3d.predict` passes through here and either comes out in
-a known form or raises a ``TypeError``/``ValueError`` that names the
-argument, what was expected and what was given.
+a known form (a channel-first :class:`Volume`, class-index :class:`Annotations`)
+or raises a ``TypeError``/``ValueError`` that names the argument, what was
+expected and what was given.  Files are opened before, by :mod:`napari_sparse3d.io.arrays`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 __all__ = [
-    "Volume",
     "Annotations",
-    "load_array",
-    "save_array",
+    "Box",
+    "TrainingInputs",
+    "Triple",
+    "Volume",
+    "VolumeLike",
     "as_volume",
-    "prepare_annotations",
-    "check_spacing",
+    "box3",
     "check_budget",
+    "check_finite",
+    "check_numeric",
+    "check_slices",
+    "check_spacing",
+    "int3",
+    "integer_labels",
+    "prepare_annotations",
 ]
 
-ARRAY_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
-
-
-def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
-    """Open a tif, npy or zarr file; zarr and npy stay on disk (lazy or memory-mapped)."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{name}: file {str(p)!r} does not exist")
-    suffix = p.suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        return _open_tiff(p, name)
-    if suffix == ".npy":
-        return np.load(p, mmap_mode="r", allow_pickle=False)
-    if suffix == ".zarr" or (p.is_dir() and (p / "zarr.json").exists() or (p / ".zarray").exists()):
-        import zarr
-
-        node = zarr.open(str(p), mode="r")
-        if isinstance(node, zarr.Array):
-            return _complete(node, p, name)
-        arrays = list(node.array_keys())
-        if len(arrays) == 1:
-            return _complete(node[arrays[0]], p, name)
-        raise ValueError(
-            f"{name}: {str(p)!r} is a zarr group with arrays {arrays}; give the path of one array (group/array)"
-        )
-    raise ValueError(f"{name}: unsupported file type {suffix!r} of {str(p)!r}; expected one of {ARRAY_SUFFIXES}")
-
-
-OUTPUT_ATTRIBUTE = "napari_sparse3d"  # {"complete": false} while a prediction writes the array
-
-
-def _complete(array: Any, path: Path, name: str) -> Any:
-    """``array``, unless it is the unfinished output of a prediction (unwritten chunks read as 0)."""
-    meta = dict(array.attrs).get(OUTPUT_ATTRIBUTE)
-    if isinstance(meta, dict) and meta.get("complete") is False:
-        raise ValueError(
-            f"{name}: {str(path)!r} is the incomplete output of an interrupted prediction: its unwritten chunks would"
-            " read as background (0). Predict again"
-        )
-    return array
-
-
-def _open_tiff(path: Path, name: str) -> Any:
-    """A TIFF that is read where it is needed: memory-mapped, or page by page, or (else) whole.
-
-    Uncompressed contiguous data is memory-mapped; a compressed or tiled stack
-    of one 2D page per z-slice reads only the pages a region touches; any
-    other layout (a single 3D page, interleaved channels) is read whole.
-    """
-    import tifffile
-
-    try:
-        return tifffile.memmap(str(path), mode="r")
-    except Exception:  # compressed, tiled, not contiguous, or an unusual layout: tifffile says ValueError
-        pass
-    try:
-        with tifffile.TiffFile(str(path)) as tif:
-            series = tif.series[0]
-            shape, dtype = tuple(int(s) for s in series.shape), np.dtype(series.dtype)
-            pages = len(series.pages)
-            page_shape = tuple(series.pages[0].shape) if pages else ()
-    except Exception as exc:
-        raise ValueError(f"{name}: {str(path)!r} is not a readable TIFF file ({exc})") from exc
-    if len(shape) == 3 and pages == shape[0] and page_shape == shape[1:]:
-        return TiffPages(path, shape, dtype)
-    return tifffile.imread(str(path))
-
-
-class TiffPages:
-    """A read-only (Z, Y, X) array over a TIFF's pages, one page per z-slice, read on demand.
-
-    Indexing reads only the pages of the requested z-range (``volume[a:b]``,
-    ``volume[a:b, y0:y1, x0:x1]``, steps and integers too), so memory follows
-    the region asked for, not the file.
-    """
-
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.path, self.shape, self.dtype, self.ndim = str(path), tuple(shape), np.dtype(dtype), len(shape)
-        self._file: Any = None
-        import threading
-
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:  # picklable (for worker processes): the open file stays behind
-        return {"path": self.path, "shape": self.shape, "dtype": self.dtype}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["shape"], state["dtype"])  # type: ignore[misc]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype)
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        import tifffile
-
-        if not isinstance(index, tuple):
-            index = (index,)
-        if any(i is Ellipsis for i in index):
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (3 - len(index) + 1) + index[at + 1 :]
-        if len(index) > 3 or not all(isinstance(i, (slice, int, np.integer)) for i in index):
-            raise IndexError(f"TiffPages takes up to three slices or integers, got {index!r}")
-        index = tuple(index) + (slice(None),) * (3 - len(index))
-        z, rest = index[0], index[1:]
-        squeeze = isinstance(z, (int, np.integer))
-        if squeeze:
-            z = int(z) + self.shape[0] if int(z) < 0 else int(z)
-            if not 0 <= z < self.shape[0]:
-                raise IndexError(f"index {index[0]} is out of range for axis 0 of size {self.shape[0]}")
-            planes = [z]
-        else:
-            planes = list(range(*z.indices(self.shape[0])))
-        with self._lock:
-            if self._file is None:
-                self._file = tifffile.TiffFile(self.path)
-            pages = self._file.series[0].pages
-            data = [np.asarray(pages[i].asarray())[rest] for i in planes]
-        if squeeze:
-            return data[0]
-        if not data:
-            probe = np.zeros(self.shape[1:], self.dtype)[rest]
-            return np.zeros((0,) + probe.shape, self.dtype)
-        return np.stack(data)
-
-
-def save_array(path: str | os.PathLike, array: np.ndarray, *, overwrite: bool = False, inputs: Sequence[Any] = ()) -> Path:
-    """Write an array as tif, npy or zarr, chosen by the suffix; it appears only once complete.
-
-    An existing file is replaced only with ``overwrite`` and only by one of the same
-    kind; never one of ``inputs``.
-    """
-    from .files import check_output_path, write_aside
-
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix not in ARRAY_SUFFIXES:
-        raise ValueError(f"output path {str(p)!r}: unsupported suffix {suffix!r}; expected one of {ARRAY_SUFFIXES}")
-    check_output_path(p, name="output path", overwrite=overwrite, inputs=inputs, what=f"{suffix} array")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with write_aside(p) as tmp:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            tifffile.imwrite(tmp, np.asarray(array), compression="zlib")
-        elif suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(array))
-        else:
-            import zarr
-
-            z = zarr.create_array(str(tmp), shape=array.shape, dtype=array.dtype, chunks=_chunks(array.shape))
-            z[...] = array
-    return p
-
-
-def _chunks(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(min(int(s), 64) for s in shape)
-
-
-def _check_numeric(name: str, array: Any) -> np.dtype:
+def check_numeric(name: str, array: Any) -> np.dtype:
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         raise TypeError(f"{name} must be an array (numpy, zarr, dask) or a file path, got {type(array).__name__}")
     dtype = np.dtype(array.dtype)
@@ -198,6 +44,34 @@ def _check_numeric(name: str, array: Any) -> np.dtype:
     if any(int(s) == 0 for s in array.shape):
         raise ValueError(f"{name} must not be empty, got shape {tuple(array.shape)}")
     return dtype
+
+
+Triple = tuple[int, int, int]
+Box = tuple[slice, slice, slice]
+
+
+def int3(values: Iterable[Any]) -> Triple:
+    """Three integers (a shape, a patch, a window) from any sequence of three numbers."""
+    z, y, x = (int(v) for v in values)
+    return (z, y, x)
+
+
+def box3(slices: Iterable[slice]) -> Box:
+    """Three slices (a region over z, y, x)."""
+    z, y, x = slices
+    return (z, y, x)
+
+
+class VolumeLike(Protocol):
+    """What the engine reads images through: a channel-first ``(C, Z, Y, X)`` source of float32 blocks."""
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    def read(self, region: tuple[slice, slice, slice] | None = None) -> np.ndarray: ...
 
 
 class Volume:
@@ -215,7 +89,8 @@ class Volume:
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        return self.shape[1:]  # type: ignore[return-value]
+        _, z, y, x = self.shape
+        return (z, y, x)
 
     @property
     def channels(self) -> int:
@@ -237,10 +112,13 @@ class Volume:
 def as_volume(image: Any, channel_axis: int | None = None, *, name: str = "image") -> Volume:
     """Check an image (array or path) and return its channel-first :class:`Volume`."""
     if isinstance(image, (str, os.PathLike)):
-        image = load_array(image, name=name)
+        raise TypeError(
+            f"{name} must be an array here, got the path {str(image)!r}; open files with"
+            " napari_sparse3d.io.arrays.load_array (napari_sparse3d.run and predict accept paths)"
+        )
     if isinstance(image, (list, tuple)):
         image = np.asarray(image)
-    dtype = _check_numeric(name, image)
+    dtype = check_numeric(name, image)
     if dtype.kind == "b":
         image = np.asarray(image, dtype=np.uint8)
     ndim = len(image.shape)
@@ -276,7 +154,7 @@ def check_spacing(spacing: Any) -> tuple[float, float, float] | None:
         raise TypeError(f"spacing must be three numbers (z, y, x) or None, got {spacing!r}") from None
     if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"spacing must be three positive finite numbers (z, y, x), got {spacing!r}")
-    return values  # type: ignore[return-value]
+    return (values[0], values[1], values[2])
 
 
 def check_budget(max_seconds: Any, max_iterations: Any) -> None:
@@ -335,7 +213,7 @@ class Annotations:
     def num_classes(self) -> int:
         return len(self.class_values)
 
-    def remap(self, class_values: Sequence[int]) -> "Annotations":
+    def remap(self, class_values: Sequence[int]) -> Annotations:
         """The same annotations in another class order (a model's, when training continues)."""
         class_values = [int(v) for v in class_values]
         if class_values == self.class_values:
@@ -368,8 +246,8 @@ def _check_known(values: Sequence[int], class_values: Sequence[int]) -> None:
         )
 
 
-def _integer_labels(labels: Any) -> np.ndarray:
-    dtype = _check_numeric("labels", labels)
+def integer_labels(labels: Any) -> np.ndarray:
+    dtype = check_numeric("labels", labels)
     arr = np.asarray(labels)
     if dtype.kind == "b":
         return arr.astype(np.uint8)
@@ -399,14 +277,18 @@ def prepare_annotations(
     train a model); new values that it lacks are an error.
     """
     if isinstance(labels, (str, os.PathLike)):
-        labels = load_array(labels, name="labels")
-    arr = _integer_labels(labels)
+        raise TypeError(
+            f"labels must be an array here, got the path {str(labels)!r}; open files with"
+            " napari_sparse3d.io.arrays.load_array (napari_sparse3d.run accepts paths)"
+        )
+    arr = integer_labels(labels)
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"labels must have the image's spatial shape {tuple(shape)}, got {tuple(arr.shape)}")
     slices = check_slices(annotated_slices, shape)
-    if background_label is not None:
-        if isinstance(background_label, bool) or not isinstance(background_label, (int, np.integer)) or background_label < 1:
-            raise ValueError(f"background_label must be a label value >= 1 or None, got {background_label!r}")
+    if background_label is not None and (
+        isinstance(background_label, bool) or not isinstance(background_label, (int, np.integer)) or background_label < 1
+    ):
+        raise ValueError(f"background_label must be a label value >= 1 or None, got {background_label!r}")
     background = np.zeros(arr.shape, dtype=bool)
     for axis, indices in slices.items():
         index: list[Any] = [slice(None)] * 3
@@ -448,3 +330,19 @@ def prepare_annotations(
     if 0 in class_values:
         target[background] = class_values.index(0)
     return Annotations(target=target, class_values=list(class_values), annotated_slices=slices)
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """Everything a training run starts from (what :meth:`Trainer.from_inputs` takes).
+
+    ``init`` is a trained model or, from a store, a checkpoint path that the
+    caller opens (:func:`napari_sparse3d.io.checkpoint.as_model`).
+    """
+
+    image: Any
+    labels: Any
+    annotated_slices: Mapping[int, Sequence[int]] | None = None
+    spacing: Sequence[float] | None = None
+    config: Any = None
+    init: Any = None

@@ -9,11 +9,11 @@ prediction on the voxels *outside* the annotated slices::
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["dice_per_class", "iou_per_class", "mean_foreground_dice", "annotated_slice_mask"]
+__all__ = ["annotated_slice_mask", "dice_per_class", "iou_per_class", "mean_foreground_dice"]
 
 
 def _counts(

@@ -22,22 +22,23 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = [
-    "fsync_tree",
-    "fsync_dir",
-    "write_aside",
-    "replace_with",
-    "check_output_path",
-    "aside_path",
-    "WriterLock",
     "LockedError",
+    "WriterLock",
+    "aside_path",
+    "check_output_path",
+    "fsync_dir",
+    "fsync_tree",
     "is_within",
     "is_zarr_array",
+    "replace_with",
     "same_kind",
+    "write_aside",
 ]
 
 
@@ -69,7 +70,7 @@ def fsync_tree(path: str | os.PathLike) -> None:
         _fsync_file(root)
         fsync_dir(root.parent)
         return
-    for folder, dirs, files in os.walk(root, followlinks=False):
+    for folder, _dirs, files in os.walk(root, followlinks=False):
         for name in files:
             p = Path(folder) / name
             if not p.is_symlink():
@@ -285,3 +286,9 @@ class WriterLock:
             self.release()
         except Exception:
             pass
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Replace the JSON file ``path`` atomically and durably (see :func:`write_aside`)."""
+    with write_aside(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

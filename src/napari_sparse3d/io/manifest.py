@@ -19,7 +19,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["validate_manifest", "read_manifest", "safe_version", "PROJECT_FORMAT", "PROJECT_FORMAT_VERSION", "MANIFEST"]
+__all__ = [
+    "ARRAY_KINDS",
+    "ARRAY_NAME",
+    "CHECKPOINT_FILE",
+    "MANIFEST",
+    "PROJECT_FORMAT",
+    "PROJECT_FORMAT_VERSION",
+    "no_links",
+    "read_manifest",
+    "safe_version",
+    "validate_manifest",
+]
 
 PROJECT_FORMAT = "napari-sparse3d-project"
 PROJECT_FORMAT_VERSION = 1
@@ -28,14 +39,14 @@ MANIFEST = "sparse3d.json"
 
 # the names a project gives its versions; nothing else is ever read as a version or deleted
 ARRAY_KINDS = ("annotations", "prediction", "probabilities")
-_ARRAY_NAME = re.compile(r"^(annotations|prediction|probabilities)-(\d{6,})$")
+ARRAY_NAME = re.compile(r"^(annotations|prediction|probabilities)-(\d{6,})$")
 _CHECKPOINT_NAME = re.compile(r"^checkpoints/(latest|best)-(\d{6,})\.pt$")
 # a checkpoint file, or the leftover of a killed write (old ``.pt.tmp``, now ``.latest-….pt.partial-<hex>``)
-_CHECKPOINT_FILE = re.compile(r"^((latest|best)-\d{6,}\.pt(\.tmp)?|\.(latest|best)-\d{6,}\.pt\.partial-[0-9a-f]{12})$")
+CHECKPOINT_FILE = re.compile(r"^((latest|best)-\d{6,}\.pt(\.tmp)?|\.(latest|best)-\d{6,}\.pt\.partial-[0-9a-f]{12})$")
 _CURRENT_KEYS = {
-    "annotations": _ARRAY_NAME,
-    "prediction": _ARRAY_NAME,
-    "probabilities": _ARRAY_NAME,
+    "annotations": ARRAY_NAME,
+    "prediction": ARRAY_NAME,
+    "probabilities": ARRAY_NAME,
     "checkpoint_latest": _CHECKPOINT_NAME,
     "checkpoint_best": _CHECKPOINT_NAME,
 }
@@ -54,7 +65,7 @@ def no_links(root: Path, relative: str) -> bool:
 
 def safe_version(root: Path, name: str) -> bool:
     """A name of the project's own pattern that stays inside the project, through no link."""
-    if not isinstance(name, str) or not (_ARRAY_NAME.match(name) or _CHECKPOINT_NAME.match(name)):
+    if not isinstance(name, str) or not (ARRAY_NAME.match(name) or _CHECKPOINT_NAME.match(name)):
         return False
     return no_links(root, name) and (root / name).resolve().parent in {root.resolve(), (root / "checkpoints").resolve()}
 
@@ -105,7 +116,8 @@ def validate_manifest(manifest: Any, path: str | os.PathLike) -> dict[str, Any]:
     except TypeError:
         raise fail("image.dtype", "a numeric dtype name", image.get("dtype")) from None
     spacing = manifest.get("spacing")
-    if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3 and all(is_number(s) and s > 0 for s in spacing)):
+    three_positive = isinstance(spacing, list) and len(spacing) == 3 and all(is_number(s) and s > 0 for s in spacing)
+    if spacing is not None and not three_positive:
         raise fail("spacing", "null or three positive numbers", spacing)
     if manifest.get("config") is not None and not isinstance(manifest.get("config"), str):
         raise fail("config", "null or a JSON string", manifest.get("config"))
@@ -129,7 +141,8 @@ def validate_manifest(manifest: Any, path: str | os.PathLike) -> dict[str, Any]:
             raise fail("current", f"keyed by {sorted(_CURRENT_KEYS)}", key)
         match = pattern.match(name) if isinstance(name, str) else None
         if match is None or (key in ARRAY_KINDS and match.group(1) != key):
-            raise fail(f"current.{key}", f"a version name like {'checkpoints/latest-000001.pt' if key.startswith('checkpoint') else key + '-000001'}", name)
+            example = "checkpoints/latest-000001.pt" if key.startswith("checkpoint") else f"{key}-000001"
+            raise fail(f"current.{key}", f"a version name like {example}", name)
         if not safe_version(root, name):
             raise fail(f"current.{key}", "a version inside the project folder, not a symbolic link", name)
         if int(match.group(2)) > counter:

@@ -33,52 +33,41 @@ read, so a writer that bypassed the lock cannot make another lose a save.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import os
 import shutil
-import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .data import _chunks
-from .files import LockedError, WriterLock, check_output_path, fsync_dir, fsync_tree, replace_with
-from .manifest import (
-    _ARRAY_NAME,
-    _CHECKPOINT_FILE,
-    ARRAY_KINDS,
+from napari_sparse3d.config import Config, resolve_config
+from napari_sparse3d.engine.volume import TrainingInputs
+from napari_sparse3d.io.arrays import chunks_for, image_hash
+from napari_sparse3d.io.files import check_output_path, fsync_tree, replace_with, write_json
+from napari_sparse3d.io.manifest import (
     MANIFEST,
     PROJECT_FORMAT,
     PROJECT_FORMAT_VERSION,
-    no_links,
     read_manifest,
     safe_version,
     validate_manifest,
 )
+from napari_sparse3d.io.store import ProjectLockedError, ProjectWriteError, VersionedStore, package_versions, take_writer_lock
 
 __all__ = [
-    "Project",
-    "ProjectWriteError",
-    "ProjectLockedError",
-    "CheckpointSaver",
-    "is_project",
-    "image_hash",
-    "validate_manifest",
     "PROJECT_FORMAT_VERSION",
+    "Project",
+    "ProjectLockedError",
+    "ProjectWriteError",
+    "image_hash",
+    "is_project",
+    "validate_manifest",
 ]
 
-
-
-class ProjectWriteError(OSError):
-    """A project could not be written; its previous state is intact."""
-
-
-class ProjectLockedError(LockedError):
-    """The project is open for writing elsewhere (another process, or another viewer)."""
 
 
 def is_project(path: Any) -> bool:
@@ -89,81 +78,8 @@ def is_project(path: Any) -> bool:
         return False
 
 
-def image_hash(array: Any, *, block_voxels: int = 1 << 24) -> str:
-    """SHA-256 of an array's shape, dtype and values, read slab by slab (bounded memory)."""
-    h = hashlib.sha256()
-    h.update(json.dumps([list(map(int, array.shape)), str(np.dtype(array.dtype))]).encode())
-    if len(array.shape) == 0:
-        h.update(np.ascontiguousarray(np.asarray(array)).tobytes())
-        return h.hexdigest()
-    per_slab = max(1, int(np.prod(array.shape[1:], dtype=np.int64)))
-    step = max(1, block_voxels // per_slab)
-    for start in range(0, int(array.shape[0]), step):
-        h.update(np.ascontiguousarray(np.asarray(array[start : start + step])).tobytes())
-    return h.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {}
-    for dist in ("napari-sparse3d", "torch", "numpy", "zarr", "napari"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _take_lock(path: Path) -> WriterLock:
-    try:
-        return WriterLock(path)
-    except LockedError as exc:
-        raise ProjectLockedError(f"project {exc}") from None
-    except OSError as exc:
-        raise ProjectWriteError(exc.errno, f"could not lock the project {str(path)!r} for writing: {exc.strerror or exc}") from exc
-
-
-class Project:
+class Project(VersionedStore):
     """Open with :meth:`Project.open`, make with :meth:`Project.create`; ``close()`` (or ``with``) when done."""
-
-    def __init__(self, path: Path, manifest: dict[str, Any], *, writer_lock: WriterLock | None = None) -> None:
-        self.path = path
-        self.manifest = manifest
-        self._writer_lock = writer_lock
-        # the GUI saves annotations on its thread and checkpoints on the training thread
-        self.lock = threading.RLock()
-
-    @property
-    def writable(self) -> bool:
-        return self._writer_lock is not None and self._writer_lock.held
-
-    def close(self) -> None:
-        """Release the writer lock (a read-only project has none); the object then reads only."""
-        with self.lock:
-            if self._writer_lock is not None:
-                self._writer_lock.release()
-                self._writer_lock = None
-
-    def __enter__(self) -> "Project":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -178,14 +94,14 @@ class Project:
         config: Any = None,
         image_path: str | os.PathLike | None = None,
         overwrite: bool = False,
-    ) -> "Project":
+    ) -> Project:
         """A new project for ``image`` (copied in, or referenced by ``image_path`` with its hash), open for writing.
 
         ``path`` must not exist or be an empty folder; with ``overwrite`` an earlier
         *project* there is replaced (never any other folder, nor the image's file), and
         only once the new one is complete.
         """
-        from .data import as_volume, check_spacing
+        from napari_sparse3d.engine.volume import as_volume, check_spacing
 
         path = Path(path)
         check_output_path(
@@ -200,7 +116,7 @@ class Project:
         spacing = check_spacing(spacing)
         shape = volume.spatial_shape
         replacing = path.exists() and any(path.iterdir())
-        old_lock = _take_lock(path) if replacing else None  # do not replace a project someone writes into
+        old_lock = take_writer_lock(path) if replacing else None  # do not replace a project someone writes into
         target = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:12]}") if replacing else path
         try:
             import zarr
@@ -212,7 +128,7 @@ class Project:
                 "format": PROJECT_FORMAT,
                 "format_version": PROJECT_FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "versions": _versions(),
+                "versions": package_versions(),
                 "shape": list(shape),
                 "image": {
                     "path": None if image_path is None else str(Path(image_path).resolve()),
@@ -229,12 +145,12 @@ class Project:
                 "history": [],
             }
             if image_path is None:
-                stored = group.create_array("image", shape=array.shape, dtype=array.dtype, chunks=_chunks(array.shape))
+                stored = group.create_array("image", shape=array.shape, dtype=array.dtype, chunks=chunks_for(array.shape))
                 stored[...] = array
             fsync_tree(target)
-            _write_json_atomic(target / MANIFEST, manifest)
-            if replacing:
-                old_lock.release()  # type: ignore[union-attr]
+            write_json(target / MANIFEST, manifest)
+            if old_lock is not None:
+                old_lock.release()
                 replace_with(target, path)
         except OSError as exc:
             if replacing and target.exists():
@@ -243,7 +159,7 @@ class Project:
         finally:
             if old_lock is not None:
                 old_lock.release()
-        project = cls(path, manifest, writer_lock=_take_lock(path))
+        project = cls(path, manifest, writer_lock=take_writer_lock(path))
         if config is not None:
             project.save_config(config)
         if labels is not None:
@@ -251,7 +167,7 @@ class Project:
         return project
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, writable: bool = False, check_image: bool = True) -> "Project":
+    def open(cls, path: str | os.PathLike, *, writable: bool = False, check_image: bool = True) -> Project:
         """Open a project, read-only unless ``writable``.
 
         A writable project holds the project's writer lock until :meth:`close` and
@@ -260,7 +176,7 @@ class Project:
         """
         path = Path(path)
         manifest = read_manifest(path)
-        lock = _take_lock(path) if writable else None
+        lock = take_writer_lock(path) if writable else None
         try:
             if lock is not None:
                 manifest = read_manifest(path)  # what the previous writer left, now that it has gone
@@ -278,19 +194,24 @@ class Project:
     # -- reading ----------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["shape"])  # type: ignore[return-value]
+        """The image's spatial shape (z, y, x)."""
+        z, y, x = self.manifest["shape"]
+        return (int(z), int(y), int(x))
 
     @property
     def spacing(self) -> tuple[float, float, float] | None:
+        """The voxel size (z, y, x), or None (isotropic)."""
         s = self.manifest.get("spacing")
-        return None if s is None else tuple(s)  # type: ignore[return-value]
+        return None if s is None else (float(s[0]), float(s[1]), float(s[2]))
 
     @property
     def history(self) -> list[dict[str, Any]]:
+        """One entry per training step of the latest checkpoint (thinned; see ``engine.trained.thin_history``)."""
         return list(self.manifest.get("history") or [])
 
     @property
     def annotated_slices(self) -> dict[int, list[int]]:
+        """The fully annotated slices, ``{axis: [indices]}``, as last saved."""
         return {int(a): [int(i) for i in v] for a, v in (self.manifest.get("annotated_slices") or {}).items()}
 
     def image(self) -> Any:
@@ -301,7 +222,7 @@ class Project:
 
             array = zarr.open_array(str(self.path / "image"), mode="r")
         else:
-            from .data import load_array
+            from napari_sparse3d.io.arrays import load_array
 
             source = ref["path"]
             if not Path(source).exists():
@@ -313,7 +234,9 @@ class Project:
                     " may no longer fit it. Restore the original file or make a new project"
                 )
         if list(array.shape) != ref["shape"]:
-            raise ValueError(f"{str(self.path / MANIFEST)}: the image has shape {tuple(array.shape)}, the manifest says {tuple(ref['shape'])}")
+            raise ValueError(
+                f"{self.path / MANIFEST!s}: the image has shape {tuple(array.shape)}, the manifest says {tuple(ref['shape'])}"
+            )
         return array
 
     def _array(self, kind: str) -> Any:
@@ -321,7 +244,7 @@ class Project:
         if name is None:
             return None
         if not safe_version(self.path, name):  # checked on open; the folder may have changed since
-            raise ValueError(f"{str(self.path / MANIFEST)}: version {name!r} is not inside the project folder")
+            raise ValueError(f"{self.path / MANIFEST!s}: version {name!r} is not inside the project folder")
         import zarr
 
         try:
@@ -340,23 +263,24 @@ class Project:
         return labels, self.annotated_slices
 
     def prediction(self) -> np.ndarray | None:
+        """The latest prediction (labels), or None."""
         array = self._array("prediction")
         return None if array is None else np.asarray(array[...])
 
     def probabilities(self) -> np.ndarray | None:
+        """The latest prediction's class probabilities ``(K, Z, Y, X)`` as float32, or None."""
         array = self._array("probabilities")
         return None if array is None else np.asarray(array[...], dtype=np.float32)
 
-    def config(self) -> Any:
-        from .config import Config
-
+    def config(self) -> Config | None:
+        """The configuration of the latest training, or None before the first."""
         text = self.manifest.get("config")
         if text is None:
             return None
         try:
             return Config.from_json(text)
         except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{str(self.path / MANIFEST)}: field 'config' is not a valid configuration ({exc})") from exc
+            raise ValueError(f"{self.path / MANIFEST!s}: field 'config' is not a valid configuration ({exc})") from exc
 
     def checkpoint(self, which: str = "latest") -> Path | None:
         """Path of the ``"latest"`` or ``"best"`` checkpoint, or None."""
@@ -364,133 +288,64 @@ class Project:
         if name is None:
             return None
         if not safe_version(self.path, name):
-            raise ValueError(f"{str(self.path / MANIFEST)}: checkpoint {name!r} is not inside the project folder")
+            raise ValueError(f"{self.path / MANIFEST!s}: checkpoint {name!r} is not inside the project folder")
         return self.path / name
 
-    # -- writing ----------------------------------------------------------------------
-    def _check_writable(self, what: str) -> None:
-        if not self.writable:
-            raise ProjectWriteError(
-                0, f"could not save the {what}: the project {str(self.path)!r} is open read-only (Project.open(..., writable=True))"
-            )
+    @property
+    def best_loss(self) -> float | None:
+        """The recent mean loss of the best checkpoint (see :class:`~napari_sparse3d.engine.checkpointing.CheckpointSaver`)."""
+        value = self.manifest.get("best_loss")  # untrusted like the rest: anything but a number means none
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return None
+        return float(value)
 
-    def _commit(self, changes: Mapping[str, Any], new: Mapping[str, str] = {}) -> None:
-        """Replace the manifest with ``changes`` applied; ``new`` names the versions just written."""
-        try:
-            on_disk = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, ValueError) as exc:
-            raise ProjectWriteError(0, f"the manifest of {str(self.path)!r} is unreadable ({exc})") from exc
-        if not isinstance(on_disk, dict) or on_disk.get("revision") != self.manifest.get("revision"):
-            raise ProjectWriteError(
-                0,
-                f"the project {str(self.path)!r} was changed on disk by another writer (revision"
-                f" {on_disk.get('revision') if isinstance(on_disk, dict) else '?'}, expected {self.manifest.get('revision')});"
-                " reopen it",
-            )
-        manifest = json.loads(json.dumps(self.manifest))
-        manifest.update({k: v for k, v in changes.items() if k != "current"})
-        manifest["current"].update(new)
-        manifest["versions"] = _versions()
-        manifest["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        manifest["revision"] = int(manifest.get("revision") or 0) + 1
-        old = {k: self.manifest["current"].get(k) for k in new}
-        for name in new.values():  # durable before named
-            fsync_tree(self.path / name)
-        _write_json_atomic(self.path / MANIFEST, manifest)
-        self.manifest = manifest
-        for name in old.values():
-            if name and name not in manifest["current"].values():
-                self._remove(name)
+    def training_inputs(
+        self,
+        *,
+        labels: Any = None,
+        annotated_slices: Mapping[int, Sequence[int]] | None = None,
+        spacing: Sequence[float] | None = None,
+        config: Any = None,
+        init: Any = None,
+    ) -> TrainingInputs:
+        """What a training run on this project starts from; an argument given replaces the project's own.
 
-    def _remove(self, name: str) -> None:
-        """Delete a version of this project: only a name of its own pattern, inside it, through no link."""
-        if not safe_version(self.path, name) and not self._leftover(name):
-            return
-        target = self.path / name
-        try:
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-        except OSError:
-            pass  # left for the next writer's garbage collection
-
-    def _leftover(self, name: str) -> bool:
-        """A partial checkpoint file of a killed save (``checkpoints/latest-000012.pt.<tag>.tmp``)."""
-        folder, _, file = name.partition("/")
-        return (
-            folder == "checkpoints"
-            and bool(_CHECKPOINT_FILE.match(file))
-            and no_links(self.path, name)
-            and (self.path / name).resolve().parent == (self.path / "checkpoints").resolve()
+        Without ``labels`` the saved annotations and their annotated slices are used
+        (``annotated_slices`` may still replace the latter); given labels come with
+        the annotated slices given, if any.  ``init`` defaults to the latest
+        checkpoint (a path): training resumes where it stopped.
+        """
+        if labels is None:
+            labels, saved = self.annotations()
+            annotated_slices = saved if annotated_slices is None else annotated_slices
+        return TrainingInputs(
+            image=self.image(),
+            labels=labels,
+            annotated_slices=annotated_slices,
+            spacing=self.spacing if spacing is None else spacing,
+            config=self.config() if config is None else config,
+            init=self.checkpoint("latest") if init is None else init,
         )
 
-    def _collect_garbage(self) -> None:
-        """Delete versions no manifest names (left by a kill between write and commit); writers only."""
-        if not self.writable:
-            return
-        current = set(self.manifest["current"].values())
-        for entry in self.path.iterdir():
-            if entry.name not in current and _ARRAY_NAME.match(entry.name) and not entry.is_symlink():
-                self._remove(entry.name)
-        folder = self.path / "checkpoints"
-        if folder.is_dir() and not folder.is_symlink():
-            for entry in folder.iterdir():
-                name = f"checkpoints/{entry.name}"
-                if name not in current and _CHECKPOINT_FILE.match(entry.name) and not entry.is_symlink():
-                    self._remove(name)
-
-    def _next(self, kind: str) -> str:
-        while True:
-            self.manifest["counter"] = int(self.manifest.get("counter", 0)) + 1
-            number = f"{self.manifest['counter']:06d}"
-            names = [f"{kind}-{number}"] if kind in ARRAY_KINDS else [f"checkpoints/{w}-{number}.pt" for w in ("latest", "best")]
-            if not any((self.path / n).exists() or (self.path / n).is_symlink() for n in names):
-                return f"{kind}-{number}"
-
-    def _write_array(self, kind: str, data: np.ndarray, what: str) -> str:
-        import zarr
-
-        name = self._next(kind)
-        try:
-            array = zarr.create_array(
-                str(self.path / name), shape=data.shape, dtype=data.dtype, chunks=_chunks(data.shape), fill_value=0
-            )
-            array[...] = data
-        except OSError as exc:
-            raise self._failed(exc, what, [name]) from exc
-        return name
-
+    # -- writing ----------------------------------------------------------------------
     def save_annotations(self, labels: Any, annotated_slices: Mapping[int, Sequence[int]]) -> None:
         """Save the labels and the register of fully annotated slices together (one commit)."""
         with self.lock:
             self._check_writable("annotations")
-            from .data import _integer_labels, check_slices
+            from napari_sparse3d.engine.volume import check_slices, integer_labels
 
             # work in progress may hold a single class: only what would corrupt the project is refused
             if tuple(np.shape(labels)) != self.shape:
                 raise ValueError(f"labels must have the project's shape {self.shape}, got {tuple(np.shape(labels))}")
-            labels = _integer_labels(labels)
+            labels = integer_labels(labels)
             slices = check_slices(annotated_slices or {}, self.shape)
             slices = {a: v for a, v in slices.items() if v}
             name = self._write_array("annotations", labels, "annotations")
-            self._guarded_commit({"annotated_slices": {str(a): v for a, v in slices.items()}}, {"annotations": name}, "annotations")
-
-    def _failed(self, exc: OSError, what: str, written: Sequence[str]) -> ProjectWriteError:
-        """Remove what a failed save wrote; the error to raise, naming what was not saved."""
-        for name in written:
-            self._remove(name)
-        return ProjectWriteError(
-            exc.errno, f"could not save the {what} to {str(self.path)!r}: {exc.strerror or exc}; the previous state is kept"
-        )
-
-    def _guarded_commit(self, changes: Mapping[str, Any], new: Mapping[str, str], what: str) -> None:
-        try:
-            self._commit(changes, new)
-        except OSError as exc:
-            raise self._failed(exc, what, list(new.values())) from exc
+            changes = {"annotated_slices": {str(a): v for a, v in slices.items()}}
+            self._guarded_commit(changes, {"annotations": name}, "annotations")
 
     def save_prediction(self, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """Save a prediction (and its class probabilities, as float16) as the current one."""
         with self.lock:
             self._check_writable("prediction")
             labels = np.asarray(labels)
@@ -501,18 +356,18 @@ class Project:
                 new["probabilities"] = self._write_array("probabilities", np.asarray(probabilities, np.float16), "probabilities")
             self._guarded_commit({}, new, "prediction")
 
-    def save_config(self, config: Any) -> None:
+    def save_config(self, config: Config | str | Mapping[str, Any] | None) -> None:
+        """Save the configuration the next training starts with (anything ``run(config=)`` takes)."""
         with self.lock:
             self._check_writable("configuration")
-            from .api import resolve_config
-
             self._guarded_commit({"config": resolve_config(config).to_json()}, {}, "configuration")
 
     def save_checkpoint(self, model: Any, *, best: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
         """Save ``model`` as the latest checkpoint (and as the best one with ``best``); history follows it."""
         with self.lock:
             self._check_writable("model")
-            from .checkpoint import save_checkpoint, thin_history
+            from napari_sparse3d.engine.trained import thin_history
+            from napari_sparse3d.io.checkpoint import save_checkpoint
 
             info = model.sparse3d
             folder = self.path / "checkpoints"
@@ -533,29 +388,3 @@ class Project:
             return self.path / name
 
 
-class CheckpointSaver:
-    """Writes the model into a project every ``every`` seconds of training, and at the end.
-
-    The "best" checkpoint is the one with the lowest mean loss over its last 50 steps.
-    """
-
-    def __init__(self, project: Any, every: float) -> None:
-        self.project, self.every, self.clock = project, every, time.perf_counter
-        self.last = self.clock()
-
-    def _save(self, model: Any) -> None:
-        history = model.sparse3d.history
-        recent = [h["loss"] for h in history[-50:]]
-        loss = float(np.mean(recent)) if recent else float("inf")
-        best = self.project.manifest.get("best_loss")
-        is_best = best is None or loss <= best
-        self.project.save_checkpoint(model, best=is_best, extra={"best_loss": loss} if is_best else None)
-        self.last = self.clock()
-
-    def step(self, model: Any) -> None:
-        if self.project is not None and self.clock() - self.last >= self.every:
-            self._save(model)
-
-    def final(self, model: Any) -> None:
-        if self.project is not None:
-            self._save(model)
