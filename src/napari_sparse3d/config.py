@@ -107,6 +107,24 @@ class TrainConfig:
     flip: bool = True
     rotate90: bool = True
     intensity: bool = True
+    # the 3D U-Net paper's spatial augmentation, one grid_sample per batch (engine/deform.py): a smooth
+    # elastic B-spline deformation (displacement sigma in voxels on a grid of control points), arbitrary
+    # rotation (degrees; about z only for anisotropic voxels) and isotropic scaling
+    elastic: bool = False
+    elastic_sigma: float = 4.0
+    elastic_grid: int = 32
+    rotate: bool = False
+    rotate_degrees: float = 30.0
+    scale: bool = False
+    scale_range: float = 0.15  # zoom factors in [1 - r, 1 + r]
+    spatial_probability: float = 0.5  # share of patches that get the spatial transform
+    # "image": every image is clipped to its own 0.5/99.5 percentiles and z-scored (nnU-Net's choice for
+    # non-CT data; models transfer to new volumes of another brightness); "dataset": the training images'
+    # statistics are stored and applied to every image (intensities calibrated across volumes, e.g. CT)
+    normalization: str = "image"
+    # share of the annotated voxels held out for a validation Dice (0: none); see engine/validation.py
+    validation: float = 0.1
+    validation_every: int = 25  # steps between validation Dice measurements
     precision: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32"
     channels_last: bool = True
     # draw the next batch in a background thread: worth it where CPU cores are free (GPU training);
@@ -128,6 +146,18 @@ class TrainConfig:
         if self.foreground_fraction > 1:
             raise ValueError(f"config.train.foreground_fraction must be <= 1, got {self.foreground_fraction!r}")
         _check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _check_positive("train.elastic_sigma", self.elastic_sigma, allow_zero=True)
+        _check_positive("train.elastic_grid", self.elastic_grid, integer=True)
+        _check_positive("train.rotate_degrees", self.rotate_degrees, allow_zero=True)
+        _check_positive("train.scale_range", self.scale_range, allow_zero=True)
+        if self.scale_range >= 1:
+            raise ValueError(f"config.train.scale_range must be < 1, got {self.scale_range!r}")
+        for name in ("spatial_probability", "validation"):
+            _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+            if getattr(self, name) > 1:
+                raise ValueError(f"config.train.{name} must be <= 1, got {getattr(self, name)!r}")
+        _check_choice("train.normalization", self.normalization, ("image", "dataset"))
+        _check_positive("train.validation_every", self.validation_every, integer=True)
 
 
 @dataclass(frozen=True)

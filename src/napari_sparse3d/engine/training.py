@@ -50,6 +50,8 @@ class TrainReport:
     progress: float  # fraction of this round's budget used, 0..1 (0 without a budget)
     # steps of this round skipped for a non-finite loss or gradient (weights and optimiser untouched)
     skipped: int = 0
+    # Dice on the held-out annotated voxels (mean over foreground classes), on steps that measured it
+    val_dice: float | None = None
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
