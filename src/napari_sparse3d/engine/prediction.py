@@ -25,6 +25,9 @@ volumes and nothing on a volume that fits one tile.  So:
   (raster order, or nearest-first around a point of interest such as the
   viewer's position), and equals a plain whole-volume computation;
 - a caller can write each finished :class:`Block` to a zarr array and drop it.
+
+The input is normalised with statistics chosen once for the whole volume
+(:meth:`Normalization.for_volume`: its own in "image" mode), never per tile.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import torch
 from napari_sparse3d.config import PredictConfig
 from napari_sparse3d.engine.devices import autocast, resolve_device, resolve_precision
 from napari_sparse3d.engine.model import UNet3D
-from napari_sparse3d.engine.preprocess import round_up
+from napari_sparse3d.engine.preprocess import Normalization, plan_window, round_up
+from napari_sparse3d.engine.resample import ResampledVolume, labels_on_grid, model_grid, probability_buffer
 from napari_sparse3d.engine.trained import ModelInfo, model_info, require_trained
 from napari_sparse3d.engine.volume import Box, VolumeLike, box3, check_finite, int3
 
@@ -59,7 +63,6 @@ __all__ = [
     "resolve_window",
     "window_starts",
 ]
-
 
 
 @dataclass
@@ -101,35 +104,6 @@ def gaussian_importance(window: Sequence[int], sigma_fraction: float = 0.125) ->
     """A separable Gaussian over the window, 1 at its centre, never 0 (so every voxel has some weight)."""
     gz, gy, gx = (_gaussian_1d(int(w), sigma_fraction) for w in window)
     return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
-
-
-def plan_window(
-    patch_size: Sequence[int], divisor: Sequence[int], shape: Sequence[int], target_voxels: int
-) -> tuple[int, int, int]:
-    """The prediction window: the training patch grown (same proportions) to about ``target_voxels``.
-
-    Each side stays a multiple of the network's stride ``divisor`` and is no
-    larger than the volume rounded up to it; a side the volume caps gives its
-    share to the others.  Never smaller than the training patch (where the
-    volume allows).
-    """
-    patch = np.asarray(patch_size, dtype=float)
-    limit = np.array([round_up(s, d) for s, d in zip(shape, divisor)], dtype=float)
-    size = np.minimum(patch, limit)
-    free = size < limit
-    for _ in range(3):
-        if not free.any():
-            break
-        scale = (target_voxels / np.prod(size)) ** (1 / free.sum())
-        if scale <= 1:
-            break
-        size = np.where(free, np.minimum(size * scale, limit), size)
-        free &= size < limit
-    out = []
-    for s, p, d, lim in zip(size, patch, divisor, limit):
-        w = max(int(d), int(round(s / d)) * int(d))
-        out.append(int(min(max(w, min(p, lim)), lim)))
-    return int3(out)
 
 
 def plan_tiles(
@@ -228,6 +202,7 @@ def predict_blocks(
     priority: Sequence[float] | None = None,
     progress: Callable[[PredictReport], Any] | None = None,
     chunks: Sequence[int] | None = None,
+    normalization: Normalization | None = None,
 ) -> Generator[Block, None, None]:
     """Predict ``volume`` tile by tile, yielding each finished :class:`Block`.
 
@@ -246,12 +221,16 @@ def predict_blocks(
         Called with a :class:`PredictReport` after every batch of windows.
     chunks : (z, y, x), optional
         The output's chunk shape: every block then covers whole chunks.
+    normalization : Normalization, optional
+        Applied as is; default ``model_info(model).normalization.for_volume(volume)``
+        (in "image" mode the volume's own statistics, computed here, once).
     """
     model = require_trained(model)
     info = model_info(model)
     config = config or info.config.predict
     if volume.channels != info.in_channels:
         raise ValueError(f"image has {volume.channels} channels, but the model was trained on {info.in_channels}")
+    norm = normalization if normalization is not None else info.normalization.for_volume(volume)
     dev = resolve_device(device)
     dtype = resolve_precision(dev, info.config.train.precision)
     channels_last = info.config.train.channels_last
@@ -279,7 +258,7 @@ def predict_blocks(
         inside = tuple(slice(low, min(high, n)) for low, high, n in zip(lo, hi, shape))
         block = volume.read(inside)
         check_finite("image", block)
-        block = info.normalization.apply(block)
+        block = norm.apply(block)
         image = torch.zeros((volume.channels, *(high - low for low, high in zip(lo, hi))), dtype=torch.float32)
         image[(slice(None),) + tuple(slice(0, s.stop - s.start) for s in inside)] = torch.from_numpy(block)
         del block
@@ -353,17 +332,21 @@ def predict_region(
     *,
     device: str = "auto",
     config: PredictConfig | None = None,
+    normalization: Normalization | None = None,
 ) -> Generator[Block, None, None]:
     """Predict only ``region`` (three slices) of ``volume``, e.g. the slice on screen.
 
     The region is grown to at least one prediction window per axis, so the
     network sees the context it was trained with; the blocks yielded cover
-    that box, in the volume's coordinates.
+    that box, in the volume's coordinates.  The region is normalised like the
+    whole volume (``normalization``, default ``for_volume(volume)``: pass it,
+    computed once, when predicting many regions of one volume).
     """
     info = model_info(model)
     config = config or info.config.predict
+    norm = normalization if normalization is not None else info.normalization.for_volume(volume)
     box = context_box(volume.spatial_shape, region, resolve_window(info, model, volume.spatial_shape, config))
-    for block in predict_blocks(_Crop(volume, box), model, device=device, config=config):
+    for block in predict_blocks(_Crop(volume, box), model, device=device, config=config, normalization=norm):
         shifted = box3(slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, block.region))
         yield Block(shifted, block.probabilities, block.labels)
 
@@ -376,21 +359,35 @@ def predict_volume(
     progress: Callable[[PredictReport], Any] | None = None,
     out: Any = None,
     keep_probabilities: bool = False,
+    normalization: Normalization | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[Any, np.ndarray | None]:
     """Segment a whole volume into ``out`` (a new array by default), block by block.
 
     Returns ``(labels, probabilities)``; the probabilities ``(K, Z, Y, X)`` only with
     ``keep_probabilities``.  A zarr ``out`` gets each of its chunks written once, whole.
+    ``normalization`` as for :func:`predict_blocks`.  A ``spacing`` (the volume's voxel
+    size) more than 5% off the model's on some axis: predicted on the model's grid and
+    brought back to the volume's (:mod:`napari_sparse3d.engine.resample`).
     """
     info = model_info(model)
     shape = volume.spatial_shape
+    grid = model_grid(shape, spacing, info.spacing)
+    if grid is not None:
+        norm = normalization if normalization is not None else info.normalization.for_volume(volume)
+        with probability_buffer(len(info.class_values), grid) as buffer:
+            view = ResampledVolume(volume, grid)
+            for block in predict_blocks(view, model, device=device, progress=progress, normalization=norm):
+                buffer[(slice(None), *block.region)] = block.probabilities
+            return labels_on_grid(buffer, shape, info.class_values, out, keep_probabilities)
     if out is None:
         out = np.zeros(shape, dtype=np.min_scalar_type(max(max(info.class_values), 1)))
     probabilities = np.zeros((len(info.class_values), *shape), np.float32) if keep_probabilities else None
     chunks = getattr(out, "chunks", None)
     if not (isinstance(chunks, tuple) and len(chunks) == 3 and all(isinstance(c, (int, np.integer)) for c in chunks)):
         chunks = None
-    for block in predict_blocks(volume, model, device=device, progress=progress, chunks=chunks):
+    blocks = predict_blocks(volume, model, device=device, progress=progress, chunks=chunks, normalization=normalization)
+    for block in blocks:
         out[block.region] = block.labels
         if probabilities is not None:
             probabilities[(slice(None), *block.region)] = block.probabilities

@@ -2,9 +2,12 @@
 
 A trained :class:`~napari_sparse3d.engine.model.UNet3D` carries a
 :class:`ModelInfo` as ``model.sparse3d``: the configuration, the class values
-(channel k <-> user's label value), the normalisation statistics, the patch
-size and the voxel spacing.  That is enough to predict, so a checkpoint is the
-weights plus this record.  The payload holds only tensors, strings and numbers:
+(channel k <-> user's label value), the normalisation statistics and their
+mode (each image its own statistics, or these for every image; a checkpoint
+written before the mode existed reads as the latter), the patch size and the
+voxel spacing the model was trained at (:func:`napari_sparse3d.predict`
+resamples an image at another spacing to it).  That is enough to predict, so a
+checkpoint is the weights plus this record.  The payload holds only tensors, strings and numbers:
 it loads with ``torch.load(weights_only=True)`` and never unpickles code.
 Files (where, atomically, refusing what) are :mod:`napari_sparse3d.io.checkpoint`'s business.
 """
