@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import Label
@@ -29,6 +30,7 @@ class ProgressView(QWidget):
         self.status = Label(value="Annotate a few slices, then Start.")
         self.plot = LossPlot()
         self.budgeted = False  # the job trains for a time budget: show the time left
+        self.val_dice: float | None = None
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.bar)
@@ -38,18 +40,22 @@ class ProgressView(QWidget):
     def begin(self, *, budgeted: bool, clear_plot: bool) -> None:
         """A job starts; ``clear_plot`` for a new model (a continued one extends its curve)."""
         self.budgeted = budgeted
+        self.val_dice = None  # the latest validation Dice of this job (measured every few steps)
         if clear_plot:
             self.plot.clear()
 
     def training(self, report: TrainReport) -> None:
-        self.plot.add(report.iteration, report.loss)
+        self.plot.add(report.iteration, report.loss, report.val_dice)
+        if report.val_dice is not None and math.isfinite(report.val_dice):
+            self.val_dice = float(report.val_dice)
         self.bar.setValue(int(STEPS * report.progress))
         eta = ""
         if report.progress > 0.02 and self.budgeted:
             eta = f" · ~{max(0.0, report.elapsed / report.progress - report.elapsed):.0f} s left"
         skipped = f" · {report.skipped} non-finite steps skipped" if report.skipped else ""
+        dice = "" if self.val_dice is None else f" · val Dice {self.val_dice:.2f}"
         self.status.value = (
-            f"training: iteration {report.iteration} · {report.elapsed:.0f} s{eta} · loss {report.loss:.3f}{skipped}"
+            f"training: iteration {report.iteration} · {report.elapsed:.0f} s{eta} · loss {report.loss:.3f}{dice}{skipped}"
         )
 
     def predicting(self, report: PredictReport) -> None:

@@ -3,10 +3,21 @@
 The policy is the engine's; where the model goes is not: any
 :class:`CheckpointSink` will do (a :class:`napari_sparse3d.io.project.Project`
 is one), so the engine never imports the store.
+
+"Best" is judged by the validation Dice (:mod:`.validation`) when the model's
+history holds recent measurements: the mean of the last :data:`VAL_WINDOW`
+of them, higher is better.  Three, because one measurement on a few fixed
+patches swings with every step's weights while the mean of three (75 steps at
+the default ``validation_every``) follows the trend and still finds a peak
+within a few measurements.  Without measurements (validation off, too few
+annotations, no measurement yet) it is the mean training loss over the last
+:data:`BEST_WINDOW` steps, lower is better.  The two do not compare: when the
+criterion changes, the new checkpoint becomes the best.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -16,21 +27,51 @@ import numpy as np
 from napari_sparse3d.engine.model import UNet3D
 from napari_sparse3d.engine.trained import model_info
 
-__all__ = ["BEST_WINDOW", "CheckpointSaver", "CheckpointSink"]
+__all__ = ["BEST_WINDOW", "VAL_WINDOW", "CheckpointSaver", "CheckpointSink", "best_score"]
 
-#: The "best" checkpoint is the one with the lowest mean loss over its last this many steps.
+#: Without validation, the "best" checkpoint is the one with the lowest mean loss over its last this many steps.
 BEST_WINDOW = 50
+#: With validation, it is the one with the highest mean of its last this many validation Dice measurements.
+VAL_WINDOW = 3
 
 
 class CheckpointSink(Protocol):
     """Somewhere to keep the latest (and the best) model of a training run."""
 
     @property
-    def best_loss(self) -> float | None:
-        """The recent mean loss of the best checkpoint kept so far, or None."""
+    def best(self) -> tuple[str, float] | None:
+        """``(criterion, value)`` of the best checkpoint kept so far (``"val_dice"`` or ``"loss"``), or None."""
 
     def save_checkpoint(self, model: UNet3D, *, best: bool = False, extra: Mapping[str, Any] | None = None) -> Any:
-        """Keep ``model`` as the latest checkpoint (and as the best one with ``best``)."""
+        """Keep ``model`` as the latest checkpoint (and as the best one with ``best``, ``extra`` naming its score)."""
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def best_score(model: UNet3D) -> tuple[str, float]:
+    """``("val_dice", mean of the recent measurements)`` or ``("loss", recent mean loss)`` of a model's history.
+
+    Measurements count when they are recent: within the last :data:`VAL_WINDOW`
+    times ``validation_every`` steps (a history continued from an earlier round
+    without validation does not keep judging by its old Dice).
+    """
+    info = model_info(model)
+    history = info.history
+    if history:
+        every = int(getattr(info.config.train, "validation_every", 25))
+        last = int(history[-1].get("iteration", 0))
+        dice = [
+            (int(h.get("iteration", 0)), v) for h in history if (v := _number(h.get("val_dice"))) is not None
+        ]
+        recent = [v for i, v in dice if i > last - VAL_WINDOW * every][-VAL_WINDOW:]
+        if recent:
+            return "val_dice", float(np.mean(recent))
+    losses = [v for h in history[-BEST_WINDOW:] if (v := _number(h.get("loss"))) is not None]
+    return "loss", float(np.mean(losses)) if losses else float("inf")
 
 
 class CheckpointSaver:
@@ -42,11 +83,16 @@ class CheckpointSaver:
 
     def _save(self, model: UNet3D) -> None:
         assert self.sink is not None
-        recent = [h["loss"] for h in model_info(model).history[-BEST_WINDOW:]]
-        loss = float(np.mean(recent)) if recent else float("inf")
-        best = self.sink.best_loss
-        is_best = best is None or loss <= best
-        self.sink.save_checkpoint(model, best=is_best, extra={"best_loss": loss} if is_best else None)
+        metric, value = best_score(model)
+        best = self.sink.best
+        if best is None or best[0] != metric:
+            is_best = True  # nothing yet, or a criterion that does not compare with the new one
+        elif metric == "val_dice":
+            is_best = value >= best[1]
+        else:
+            is_best = value <= best[1]
+        extra = {"best_metric": metric, "best_value": value if math.isfinite(value) else None} if is_best else None
+        self.sink.save_checkpoint(model, best=is_best, extra=extra)
         self.last = self.clock()
 
     def step(self, model: UNet3D) -> None:

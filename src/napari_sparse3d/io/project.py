@@ -292,12 +292,17 @@ class Project(VersionedStore):
         return self.path / name
 
     @property
-    def best_loss(self) -> float | None:
-        """The recent mean loss of the best checkpoint (see :class:`~napari_sparse3d.engine.checkpointing.CheckpointSaver`)."""
-        value = self.manifest.get("best_loss")  # untrusted like the rest: anything but a number means none
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    def best(self) -> tuple[str, float] | None:
+        """``(criterion, value)`` of the best checkpoint, ``("val_dice", Dice)`` or ``("loss", mean loss)``, or None.
+
+        See :class:`~napari_sparse3d.engine.checkpointing.CheckpointSaver`; manifests written before validation
+        hold only ``best_loss``.  Untrusted like the rest of the manifest: anything malformed means none.
+        """
+        metric = self.manifest.get("best_metric", "loss")
+        value = self.manifest.get("best_value" if "best_metric" in self.manifest else "best_loss")
+        if metric not in ("val_dice", "loss") or isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
-        return float(value)
+        return (metric, float(value)) if math.isfinite(value) else None
 
     def training_inputs(
         self,
@@ -383,7 +388,10 @@ class Project(VersionedStore):
                     new["checkpoint_best"] = best_name
             except OSError as exc:
                 raise self._failed(exc, "model", list(new.values())) from exc
-            changes = {"history": thin_history(info.history), "config": info.config.to_json(), **(extra or {})}
+            extra = dict(extra or {})
+            if "best_metric" in extra:  # the field earlier versions read, kept coherent with the new ones
+                extra["best_loss"] = extra.get("best_value") if extra["best_metric"] == "loss" else None
+            changes = {"history": thin_history(info.history), "config": info.config.to_json(), **extra}
             self._guarded_commit(changes, new, "model")
             return self.path / name
 
