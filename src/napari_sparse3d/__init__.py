@@ -10,13 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "RunResult", "__version__", "predict", "run"]
+__all__ = ["Config", "RunResult", "__version__", "clean_labels", "instances_from_prediction", "predict", "run"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_sparse3d.api import RunResult, predict, run
     from napari_sparse3d.config import Config
+    from napari_sparse3d.engine.postprocess import clean_labels, instances_from_prediction
 
-_LAZY = {"run": "api", "predict": "api", "RunResult": "api", "Config": "config"}
+_LAZY = {
+    "run": "api",
+    "predict": "api",
+    "RunResult": "api",
+    "Config": "config",
+    "clean_labels": "engine.postprocess",
+    "instances_from_prediction": "engine.postprocess",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import QVBoxLayout
 
 from napari_sparse3d._napari.corrections_box import CorrectionsBox
 from napari_sparse3d._napari.dock import DockWidget
+from napari_sparse3d._napari.instances_box import InstancesBox
 from napari_sparse3d._napari.model_box import ModelBox
 from napari_sparse3d._napari.painter import PredictionPainter, PredictionTarget
 from napari_sparse3d._napari.progress import ProgressView
@@ -73,6 +74,7 @@ class TrainingWidget(DockWidget):
         self.status, self.progress, self.plot = self.progress_view.status, self.progress_view.bar, self.progress_view.plot
         self.corrections = CorrectionsBox(self.state)
         self.models = ModelBox(self.viewer, self.state, error=self._error)
+        self.instances = InstancesBox(self.viewer, self.state, error=self._error)
         self.runner = JobRunner(self.viewer, self.state, parent=self)
         self.painter = PredictionPainter(
             self.viewer, self.state, show_uncertainty=lambda: self.uncertainty_box.value, error=self._error, parent=self
@@ -85,6 +87,7 @@ class TrainingWidget(DockWidget):
         layout.addWidget(self.progress_view)
         layout.addWidget(self.corrections)
         layout.addWidget(self.models)
+        layout.addWidget(self.instances)
         layout.addStretch(1)
 
         self.start_button.clicked.connect(lambda: self.start(warm=False))
@@ -138,6 +141,7 @@ class TrainingWidget(DockWidget):
         self.stop_button.text = "Cancel prediction (Alt-S)" if self.phase == "predicting" else "Stop (Alt-S)"
         self.corrections.enable(not running and self.state.prediction_layer is not None)
         self.models.enable(running=running)
+        self.instances.enable(running)
 
     # -- training -------------------------------------------------------------------------
     def start(self, warm: bool = True, max_seconds: float | None = None, max_iterations: int | None = None) -> bool:
