@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,46 +151,104 @@ def run(
         max_seconds = DEFAULT_SECONDS
     budget = {"max_seconds": max_seconds, "max_iterations": max_iterations}
     options = {"device": device, "seed": seed, "channel_axis": channel_axis, "background_label": background_label}
-    labels = None if labels is None else open_input(labels, name="labels")
-    if not is_project(image):
-        if labels is None:
-            raise TypeError("labels must be an integer array or a path (0 = not annotated); only a project path may come without")
-        inputs = TrainingInputs(open_input(image, name="image"), labels, annotated_slices, spacing, config, init)
-        return _train_and_predict(inputs, None, budget, options, progress, checkpoint_every)
-    # one writer at a time: refused while napari (or another run) writes into the project
-    with Project.open(image, writable=True) as project:
-        inputs = project.training_inputs(
-            labels=labels, annotated_slices=annotated_slices, spacing=spacing, config=config, init=init
-        )
-        return _train_and_predict(inputs, project, budget, options, progress, checkpoint_every, save_labels=labels is not None)
+    many = is_many(image)
+    images = list(image) if many else [image]
+    n = len(images)
+    label_list = _per_volume("labels", labels, n, many)
+    slice_list = _per_volume("annotated_slices", annotated_slices, n, many, item=lambda v: v is None or isinstance(v, Mapping))
+    spacing_list = _per_volume("spacing", spacing, n, many and _spacing_per_volume(spacing, n))
+    with ExitStack() as stack:
+        inputs, projects, save_labels = [], [], []
+        for i, (img, lab, slices, spc) in enumerate(zip(images, label_list, slice_list, spacing_list)):
+            name = f"image[{i}]" if many else "image"
+            lab = None if lab is None else open_input(lab, name=f"labels[{i}]" if many else "labels")
+            if not is_project(img):
+                if lab is None:
+                    raise TypeError(
+                        f"{'labels[' + str(i) + ']' if many else 'labels'} must be an integer array or a path"
+                        " (0 = not annotated); only a project path may come without"
+                    )
+                inputs.append(TrainingInputs(open_input(img, name=name), lab, slices, spc, config, init if i == 0 else None))
+                projects.append(None)
+            else:
+                # one writer at a time: refused while napari (or another run) writes into the project
+                project = stack.enter_context(Project.open(img, writable=True))
+                own = project.training_inputs(labels=lab, annotated_slices=slices, spacing=spc, config=config, init=init)
+                inputs.append(own)
+                projects.append(project)
+            save_labels.append(lab is not None)
+        results = _train_and_predict(inputs, projects, budget, options, progress, checkpoint_every, save_labels)
+    return results if many else results[0]
+
+
+def is_many(image: Any) -> bool:
+    """Whether ``run``'s ``image`` is several volumes: a list or tuple of arrays, paths or projects."""
+    return (
+        isinstance(image, (list, tuple))
+        and len(image) > 0
+        and all(isinstance(i, (str, os.PathLike)) or hasattr(i, "shape") for i in image)
+    )
+
+
+def _spacing_per_volume(spacing: Any, n: int) -> bool:
+    """Whether ``spacing`` is one entry per volume (each None or three numbers) rather than one for all."""
+    if spacing is None or not isinstance(spacing, (list, tuple)) or len(spacing) != n:
+        return False
+    return all(s is None or (isinstance(s, (list, tuple)) or hasattr(s, "__len__")) for s in spacing)
+
+
+def _per_volume(name: str, value: Any, n: int, many: bool, item: Callable[[Any], bool] | None = None) -> list[Any]:
+    """``value`` spread over ``n`` volumes: a list of one entry per volume when ``many``, else the same for all."""
+    if not many:
+        return [value] * n
+    if value is None:
+        return [None] * n
+    expected = f"{name} must be a list with one entry per image ({n}) when image is a list"
+    if item is not None and item(value):  # one entry where a list was needed: say so rather than guess
+        raise TypeError(f"{expected}, got one {type(value).__name__}")
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        got = f"{len(value)} entries" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise TypeError(f"{expected}, got {got}")
+    return list(value)
 
 
 def _train_and_predict(
-    inputs: TrainingInputs,
-    project: Project | None,
+    inputs: list[TrainingInputs],
+    projects: list[Project | None],
     budget: dict[str, Any],
     options: dict[str, Any],
     progress: Progress | None,
     checkpoint_every: float,
-    *,
-    save_labels: bool = False,
-) -> RunResult:
-    """:func:`run` once its inputs are known (and its project, if any, is open for writing)."""
+    save_labels: list[bool],
+) -> list[RunResult]:
+    """:func:`run` once its inputs are known (and its projects, if any, are open for writing).
+
+    One model learns from every volume; checkpoints go into the first project (if any),
+    each volume's prediction into its own.
+    """
     device = options["device"]
-    spacing = check_spacing(inputs.spacing)
-    init = None if inputs.init is None else as_model(inputs.init, name="init")
+    first = inputs[0]
+    init = None if first.init is None else as_model(first.init, name="init")
     # a warm start without a configuration keeps the checkpoint's own (not the device's preset)
-    config = None if inputs.config is None and init is not None else resolve_config(inputs.config, resolve_device(device).type)
-    volume = as_volume(inputs.image, options["channel_axis"])
-    trainer = Trainer.from_inputs(
-        volume, inputs.labels, inputs.annotated_slices, background_label=options["background_label"], spacing=spacing,
-        config=config, device=device, seed=options["seed"], init=init,
-    )
-    _check_volume_finite(volume)
-    if project is not None and save_labels:
-        project.save_annotations(inputs.labels, inputs.annotated_slices or {})
+    config = None if first.config is None and init is not None else resolve_config(first.config, resolve_device(device).type)
+    spacings = [check_spacing(i.spacing) for i in inputs]
+    volumes = [as_volume(i.image, options["channel_axis"], name=f"image[{k}]" if len(inputs) > 1 else "image")
+               for k, i in enumerate(inputs)]
+    common = dict(background_label=options["background_label"], config=config, device=device, seed=options["seed"], init=init)
+    if len(inputs) == 1:
+        trainer = Trainer.from_inputs(volumes[0], first.labels, first.annotated_slices, spacing=spacings[0], **common)
+    else:
+        trainer = Trainer.from_many(
+            volumes, [i.labels for i in inputs], [i.annotated_slices for i in inputs], spacing=spacings[0],
+            spacings=spacings, **common,
+        )
+    for k, volume in enumerate(volumes):
+        _check_volume_finite(volume, f"image[{k}]" if len(inputs) > 1 else "image")
+    for project, own, save in zip(projects, inputs, save_labels):
+        if project is not None and save:
+            project.save_annotations(own.labels, own.annotated_slices or {})
     history = []
-    saver = CheckpointSaver(project, checkpoint_every)
+    saver = CheckpointSaver(next((p for p in projects if p is not None), None), checkpoint_every)
     for report in trainer.steps(**budget):
         history.append(report)
         saver.step(trainer.model)
@@ -197,23 +256,29 @@ def _train_and_predict(
             progress(report)
     trainer.release()
     saver.final(trainer.model)
-    labels, probabilities = predict_volume(volume, trainer.model, device=device, progress=progress, keep_probabilities=True)
-    if project is not None:
-        project.save_prediction(labels, probabilities)
-    return RunResult(
-        labels=labels,
-        probabilities=probabilities,
-        model=trainer.model,
-        patch_size=trainer.patch_size,
-        history=history,
-        class_values=list(trainer.class_values),
-    )
+    results = []
+    for volume, project, spc in zip(volumes, projects, spacings):
+        labels, probabilities = predict_volume(
+            volume, trainer.model, device=device, progress=progress, keep_probabilities=True, spacing=spc
+        )
+        if project is not None:
+            project.save_prediction(labels, probabilities)
+        results.append(RunResult(
+            labels=labels,
+            probabilities=probabilities,
+            model=trainer.model,
+            patch_size=trainer.patch_size,
+            history=history,
+            class_values=list(trainer.class_values),
+        ))
+    return results
 
 
 def predict(
     image: ImageInput,
     model_or_checkpoint: ModelInput,
     *,
+    spacing: Sequence[float] | None = None,
     out: ArrayLike | str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     device: str = "auto",
@@ -228,6 +293,19 @@ def predict(
         As for :func:`run`.
     model_or_checkpoint : model, checkpoint path or checkpoint dict
         ``RunResult.model``, or what ``RunResult.save`` wrote.
+    spacing : (z, y, x), optional
+        The image's voxel size.  A model trained with a spacing learnt object
+        sizes in its voxels: an image whose spacing differs from it by more
+        than 5% on some axis is resampled to the model's spacing (linear
+        interpolation), predicted there, and the class probabilities are
+        interpolated back onto the image's grid before the argmax, so the
+        labels have the image's shape.  Omitted while the model has a spacing:
+        the image is assumed to be at the model's spacing (a ``UserWarning``
+        says so).  A model trained without a spacing is never resampled for.
+        Resampling holds the model-grid probabilities (4 bytes x classes x
+        voxels at the model's spacing) in memory up to 2 GiB, beyond that in a
+        temporary file; with ``out`` the labels are written a slab of whole
+        chunks at a time (:mod:`napari_sparse3d.engine.resample`).
     out : zarr/numpy array or path, optional
         Written block by block as windows finish, so a large volume never has
         to fit in memory; a path creates a zarr array there (written aside and
@@ -245,15 +323,26 @@ def predict(
     array
         The labels, (Z, Y, X) with the user's label values; ``out`` when given.
     """
+    import warnings  # (local: this change touches predict only)
+
     _check_progress(progress)
+    spacing = check_spacing(spacing)
     resolve_device(device)
     model = as_model(model_or_checkpoint, name="model_or_checkpoint")
     volume = as_volume(open_input(image, name="image"), channel_axis)
     info = model_info(model)
+    if spacing is None and info.spacing is not None:
+        warnings.warn(
+            f"predict: the image's spacing is unknown (spacing=None); the model was trained at spacing"
+            f" {tuple(info.spacing)} (z, y, x), and the image is assumed to be at that spacing. Pass spacing="
+            " to resample an image of another voxel size to the model's.",
+            UserWarning,
+            stacklevel=2,
+        )
     inputs = [image, model_or_checkpoint]
     target = PredictionOutput(out, volume.spatial_shape, info.class_values, overwrite=overwrite, inputs=inputs)
     try:
-        labels, _ = predict_volume(volume, model, device=device, progress=progress, out=target.array)
+        labels, _ = predict_volume(volume, model, device=device, progress=progress, out=target.array, spacing=spacing)
     except BaseException:
         target.abandon()
         raise

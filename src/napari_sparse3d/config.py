@@ -93,6 +93,9 @@ class TrainConfig:
     patch_size: tuple[int, int, int] | None = None  # None: planned from volume and spacing
     patch_voxels: int = 32**3  # target size of a planned patch
     flatten_patches: bool = True  # flatten planned patches along the normal of the most-annotated slices
+    # grow planned patches (and cut the batch) when the annotated objects are larger than a patch
+    # (engine/objects.py: context_plan); small objects keep patch_voxels
+    plan_from_objects: bool = True
     batch_size: int = 4
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4

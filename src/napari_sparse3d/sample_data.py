@@ -3,7 +3,10 @@
 :func:`make_cells` draws touching, irregular, textured ellipsoidal "nuclei"
 of varying brightness in a noisy, blurred background with an intensity
 gradient — simple enough to learn in a minute on a CPU, hard enough that a
-global threshold does not solve it.  :func:`sparse_annotations` keeps the
+global threshold does not solve it.  Two volumes of another character test
+that a recipe is not tuned to nuclei: :func:`make_organ` (one large object
+among look-alike tissue, which only context separates) and
+:func:`make_vessels` (thin branching tubes a few voxels wide).  :func:`sparse_annotations` keeps the
 truth only on a few evenly spaced slices per axis, as a user would annotate.
 """
 
@@ -13,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["evenly_spaced_slices", "make_cells", "napari_sample_volume", "sparse_annotations"]
+__all__ = ["evenly_spaced_slices", "make_cells", "make_organ", "make_vessels", "napari_sample_volume", "sparse_annotations"]
 
 
 def make_cells(
@@ -81,6 +84,91 @@ def make_cells(
         truth[find_boundaries(instances, mode="inner")] = 2
     scaled = (image - image.min()) / (image.max() - image.min()) * 4000 + 100  # a microscope-like range
     return scaled.astype(np.float32), truth
+
+
+def make_organ(shape: tuple[int, int, int] = (64, 128, 128), *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One large organ-like object among tissue of the same brightness.
+
+    The object is a smooth, lobed ellipsoid filling about a fifth of the volume,
+    with a faint darker capsule.  Around it lie bright blobs of similar
+    intensity and texture (up to a fifth of its size): a voxel's neighbourhood
+    alone does not tell organ from blob, its place in the large shape does.
+    Returns ``(image float32, truth uint8)`` with truth 1 inside the organ.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    grid = np.meshgrid(*(np.linspace(-1, 1, s, dtype=np.float32) for s in shape), indexing="ij")
+    centre = rng.uniform(-0.15, 0.15, 3)
+    axes = rng.uniform(0.6, 0.75, 3)
+    d = [(g - c) / a for g, c, a in zip(grid, centre, axes)]
+    r = np.sqrt(sum(x**2 for x in d))
+    elevation = np.arcsin(np.clip(d[0] / (r + 1e-6), -1, 1))
+    lobes = 1 + 0.12 * np.sin(3 * np.arctan2(d[1], d[2]) + rng.uniform(0, 6.3)) * np.cos(2 * elevation)
+    organ = r < lobes
+    capsule = organ & ~ndimage.binary_erosion(organ, iterations=2)
+    image = np.where(organ, 1.0, 0.35).astype(np.float32)
+    image[capsule] = 0.7
+    outside = ~ndimage.binary_dilation(organ, iterations=3)
+    size = min(shape)
+    for _ in range(int(np.prod(shape) / 6000)):  # look-alike tissue outside the organ
+        c = rng.uniform(0, shape)
+        radius = rng.uniform(0.04, 0.12) * size
+        box = tuple(slice(max(0, int(c[a] - radius)), min(shape[a], int(c[a] + radius) + 1)) for a in range(3))
+        zz, yy, xx = np.ogrid[box]
+        blob = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < radius**2
+        image[box][blob & outside[box]] = rng.uniform(0.85, 1.05)
+    yy = np.arange(shape[1], dtype=np.float32)[None, :, None]
+    texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 2.0)
+    image *= 1 + 1.5 * texture
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 0.12, shape).astype(np.float32)
+    image += 0.3 * (yy / shape[1])  # uneven illumination
+    return (image * 1000 + 200).astype(np.float32), organ.astype(np.uint8)
+
+
+def make_vessels(
+    shape: tuple[int, int, int] = (48, 128, 128), *, n_vessels: int = 24, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Thin, curved, branching tubes (radius 1 to 2.5 voxels) in a noisy background.
+
+    Returns ``(image float32, truth uint8)`` with truth 1 inside the tubes: a thin
+    structure that small patches see whole and that boundary errors punish.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    field = np.full(shape, np.inf, np.float32)  # distance to the nearest centreline point / its radius
+    points, radii = [], []
+    starts = [rng.uniform(0, shape) for _ in range(n_vessels)]
+    for start in starts:
+        position = np.asarray(start, float)
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        radius = rng.uniform(1.0, 2.5)
+        for _ in range(int(2.5 * max(shape))):
+            direction += rng.normal(scale=0.15, size=3)
+            direction /= np.linalg.norm(direction)
+            position = position + direction
+            if np.any(position < 0) or np.any(position >= shape):
+                break
+            points.append(position.copy())
+            radii.append(radius)
+    centre = np.zeros(shape, bool)
+    radius_map = np.zeros(shape, np.float32)
+    for point, radius in zip(points, radii):
+        index = tuple(int(v) for v in point)
+        centre[index] = True
+        radius_map[index] = max(radius_map[index], radius)
+    distance, nearest = ndimage.distance_transform_edt(~centre, return_indices=True)
+    field = distance / np.maximum(radius_map[tuple(nearest)], 1e-3)
+    truth = (field <= 1.0).astype(np.uint8)
+    image = ndimage.gaussian_filter(np.where(truth > 0, 1.0, 0.0).astype(np.float32), 0.8)
+    xx = np.arange(shape[2], dtype=np.float32)[None, None, :]
+    background = 0.25 * ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 4.0) * 4
+    image = image + background + 0.3 * (xx / shape[2]) + rng.normal(0, 0.18, shape).astype(np.float32)
+    return (image * 1000 + 300).astype(np.float32), truth
 
 
 def evenly_spaced_slices(shape: tuple[int, ...], per_axis: int) -> dict[int, list[int]]:

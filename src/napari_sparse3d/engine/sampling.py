@@ -19,7 +19,7 @@ from napari_sparse3d.engine.augment import Augmenter
 from napari_sparse3d.engine.preprocess import Normalization
 from napari_sparse3d.engine.volume import Volume
 
-__all__ = ["PatchSampler", "Prefetcher", "class_weights"]
+__all__ = ["MultiSampler", "PatchSampler", "Prefetcher", "class_weights"]
 
 
 def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
@@ -125,23 +125,59 @@ class PatchSampler:
             weight = np.pad(weight, pad)
         return image, target, weight
 
+    def draw(self, rng: np.random.Generator, state: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One augmented sample ``(image (C, z, y, x), target (z, y, x), weight (z, y, x))``."""
+        state = self._state if state is None else state
+        labeled, by_class = state[2], state[3]
+        present = list(by_class)
+        if present and rng.random() < self.foreground_fraction:
+            positions = by_class[present[int(rng.integers(len(present)))]]
+        else:
+            positions = labeled
+        origin = self._origin(positions[int(rng.integers(positions.size))], rng)
+        return self.augmenter(*self._read(origin, state), rng)
+
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch ``(image (B, C, z, y, x), target (B, z, y, x), weight (B, z, y, x))``."""
         state = self._state  # one snapshot for the whole batch
-        labeled, by_class = state[2], state[3]
-        present = list(by_class)
-        images, targets, weights = [], [], []
+        return _stack([self.draw(rng, state) for _ in range(batch_size)])
+
+
+def _stack(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images, targets, weights = zip(*samples)
+    return np.stack(images), np.stack(targets), np.stack(weights)
+
+
+class MultiSampler:
+    """Batches drawn across several volumes, each with its own :class:`PatchSampler`.
+
+    Each patch comes from a volume chosen uniformly at random (nnU-Net draws
+    training cases the same way): a sparsely annotated volume is seen as
+    often as a densely annotated one, so no volume's appearance is drowned
+    by another's.  ``drawn[i]`` counts the patches taken from volume ``i``.
+    """
+
+    def __init__(self, samplers: Sequence[PatchSampler]) -> None:
+        if not samplers:
+            raise ValueError("MultiSampler needs at least one PatchSampler")
+        self.samplers = list(samplers)
+        self.drawn = [0] * len(self.samplers)
+
+    def set_targets(self, target: np.ndarray, weights: np.ndarray, index: int = 0) -> None:
+        """Replace the annotations of volume ``index`` (see :meth:`PatchSampler.set_targets`)."""
+        self.samplers[index].set_targets(target, weights)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch as :meth:`PatchSampler.sample` gives, its patches drawn across the volumes."""
+        if len(self.samplers) == 1:  # the same random stream as a single sampler: seeded runs do not change
+            self.drawn[0] += batch_size
+            return self.samplers[0].sample(batch_size, rng)
+        samples = []
         for _ in range(batch_size):
-            if present and rng.random() < self.foreground_fraction:
-                positions = by_class[present[int(rng.integers(len(present)))]]
-            else:
-                positions = labeled
-            origin = self._origin(positions[int(rng.integers(positions.size))], rng)
-            image, target, weight = self.augmenter(*self._read(origin, state), rng)
-            images.append(image)
-            targets.append(target)
-            weights.append(weight)
-        return np.stack(images), np.stack(targets), np.stack(weights)
+            index = int(rng.integers(len(self.samplers)))
+            self.drawn[index] += 1
+            samples.append(self.samplers[index].draw(rng))
+        return _stack(samples)
 
 
 class Prefetcher:
@@ -151,7 +187,7 @@ class Prefetcher:
     the generation of the targets it was drawn from).
     """
 
-    def __init__(self, sampler: PatchSampler, batch_size: int, rng: np.random.Generator, depth: int = 2) -> None:
+    def __init__(self, sampler: PatchSampler | MultiSampler, batch_size: int, rng: np.random.Generator, depth: int = 2) -> None:
         self.sampler, self.batch_size, self.rng = sampler, batch_size, rng
         self.queue: queue.Queue = queue.Queue(depth)
         self.generation = 0

@@ -16,7 +16,6 @@ import copy
 import math
 import threading
 import time
-import warnings
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,14 +25,23 @@ import torch
 from torch import nn
 
 from napari_sparse3d.config import Config
-from napari_sparse3d.engine.augment import Augmenter
+from napari_sparse3d.engine.deform import SpatialAugment
 from napari_sparse3d.engine.devices import autocast, release_cached_memory, resolve_device, resolve_precision
 from napari_sparse3d.engine.losses import SparseLoss
 from napari_sparse3d.engine.model import UNet3D
+from napari_sparse3d.engine.optim import BackOff, halve_batch, learning_rate, make_optimizer, restore_optimizer
 from napari_sparse3d.engine.planning import plan_training
-from napari_sparse3d.engine.sampling import PatchSampler, Prefetcher, class_weights
+from napari_sparse3d.engine.sampling import Prefetcher
 from napari_sparse3d.engine.trained import HISTORY_LIMIT, ModelInfo, model_info, thin_history
-from napari_sparse3d.engine.volume import Annotations, Volume, as_volume, check_budget, prepare_annotations
+from napari_sparse3d.engine.training_data import TrainingData, prepare_volumes
+from napari_sparse3d.engine.volume import (
+    Annotations,
+    Volume,
+    VolumeLike,
+    as_volume,
+    check_budget,
+    prepare_annotations,
+)
 
 __all__ = ["TrainReport", "Trainer"]
 
@@ -62,26 +70,26 @@ class Trainer:
 
     Parameters
     ----------
-    volume : Volume
-        The image (see :func:`napari_sparse3d.engine.volume.as_volume`).
-    annotations : Annotations
-        From :func:`napari_sparse3d.engine.volume.prepare_annotations`.
+    volume : Volume or sequence of Volume
+        The image (see :func:`napari_sparse3d.engine.volume.as_volume`), or several
+        images at one spacing: patches are then drawn across all of them.
+    annotations : Annotations or sequence of Annotations
+        From :func:`napari_sparse3d.engine.volume.prepare_annotations` (one per
+        volume, in one class order: :func:`~napari_sparse3d.engine.volume.prepare_many`).
     spacing : (z, y, x) or None
     config : Config
     device : str
-        "auto", "cpu", "cuda", "cuda:N" or "mps".
-    seed : int
+        "auto", "cpu", "cuda", "cuda:N" or "mps".  ``seed``: int.
     init : UNet3D, optional
         Warm start: continue from this trained network (its classes, normalisation
         and architecture are kept; see :func:`napari_sparse3d.engine.planning.plan_training`).
-
-    Most callers want :meth:`from_inputs`, which checks user inputs first.
+    Most callers want :meth:`from_inputs` (or :meth:`from_many`), which check user inputs first.
     """
 
     def __init__(
         self,
-        volume: Volume,
-        annotations: Annotations,
+        volume: VolumeLike | Sequence[VolumeLike],
+        annotations: Annotations | Sequence[Annotations],
         *,
         spacing: Sequence[float] | None = None,
         config: Config | None = None,
@@ -89,29 +97,35 @@ class Trainer:
         seed: int = 0,
         init: UNet3D | None = None,
     ) -> None:
-        self.volume = volume
+        volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+        annotation_list = list(annotations) if isinstance(annotations, (list, tuple)) else [annotations]
+        self.volumes: list[VolumeLike] = volumes
+        self.volume = volumes[0]  # the one the napari loop shows and corrects
         self.device = resolve_device(device)
         self.weights_lock = threading.RLock()  # held while a step changes the weights (see snapshot)
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
-        plan = plan_training(volume, annotations, spacing=spacing, config=config, device_type=self.device.type, init=init)
+        plan = plan_training(volumes, annotation_list, spacing=spacing, config=config, device_type=self.device.type, init=init)
         self.config, self.normalization, self.class_values = plan.config, plan.normalization, plan.class_values
         self.spacing, self.patch_size, self.history = plan.spacing, plan.patch_size, plan.history
-        annotations, model = plan.annotations, plan.model
+        model = plan.model
+        # per volume: its own statistics ("image" normalisation) or the stored ones ("dataset")
+        self.normalizations = [self.normalization.for_volume(v) for v in volumes]
         self.precision = resolve_precision(self.device, self.config.train.precision)
         self.model: UNet3D = model.to(self.device)
         if self.config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         # what travels with the network; its history is this trainer's list, so it grows step by step
         self.model.sparse3d = ModelInfo(
-            self.config, list(self.class_values), self.normalization, self.patch_size, self.spacing, volume.channels, self.history
+            self.config, list(self.class_values), self.normalization, self.patch_size, self.spacing, self.volume.channels,
+            self.history,
         )
         self.iteration = int(self.history[-1]["iteration"]) if self.history else 0
         tc = self.config.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        self.optimizer = make_optimizer(self.model, tc)
         if plan.optimizer_state is not None:
-            self._restore_optimizer(plan.optimizer_state)
+            self.optimizer = restore_optimizer(self.optimizer, self.model, plan.optimizer_state, tc)
         self.model.sparse3d.optimizer_state = self.optimizer.state_dict()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == torch.float16)
         self._lr_scale = 1.0
@@ -124,18 +138,13 @@ class Trainer:
             dice_classes=foreground if 0 in self.class_values else None,
             scale_factors=self.model.scale_factors(),
         )
-        spacing = self.spacing or (1.0, 1.0, 1.0)
-        self.sampler = PatchSampler(
-            volume,
-            self.normalization,
-            annotations.target,
-            class_weights(annotations.counts(), tc.class_balance),
-            self.patch_size,
-            foreground,
-            foreground_fraction=tc.foreground_fraction,
-            augmenter=Augmenter(tc.flip, tc.rotate90, tc.intensity, square_yx=math.isclose(spacing[1], spacing[2])),
+        self.data = TrainingData(
+            volumes, self.normalizations, plan.annotations, class_values=self.class_values, patch_size=self.patch_size,
+            tc=tc, spacing=self.spacing, seed=self.seed,
         )
-        self.annotations = annotations
+        self.sampler = self.data.sampler
+        self.spatial = SpatialAugment.from_config(tc, self.spacing)
+        self.torch_rng = torch.Generator().manual_seed(self.seed)  # the spatial augmentation's draws
         self._prefetcher: Prefetcher | None = None
         self.batch_size = tc.batch_size  # halved when the GPU runs out of memory
 
@@ -168,37 +177,58 @@ class Trainer:
         )
         return cls(volume, annotations, spacing=spacing, config=config, device=device, seed=seed, init=init)
 
-    # -- state ------------------------------------------------------------------------
-    def _restore_optimizer(self, state: Any) -> None:
-        """Continue AdamW's moments from a checkpoint; a state that does not fit the network is refused."""
-        params = list(self.model.parameters())
-        try:
-            saved = state["state"]
-            for index, entry in saved.items():
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if tuple(entry[key].shape) != tuple(params[int(index)].shape):
-                        raise ValueError(f"state {index}.{key} has shape {tuple(entry[key].shape)}")
-            self.optimizer.load_state_dict(state)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-            self.optimizer = torch.optim.AdamW(
-                params, lr=self.config.train.learning_rate, weight_decay=self.config.train.weight_decay
-            )
-            warnings.warn(
-                f"init: the checkpoint's optimiser state does not fit this network ({exc}); AdamW starts afresh",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    @classmethod
+    def from_many(
+        cls,
+        images: Sequence[Any],
+        labels: Sequence[Any],
+        annotated_slices: Sequence[Mapping[int, Sequence[int]] | None] | None = None,
+        *,
+        channel_axis: int | None = None,
+        background_label: int | None = None,
+        spacing: Sequence[float] | None = None,
+        spacings: Sequence[Sequence[float] | None] | None = None,
+        config: Config | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        init: UNet3D | None = None,
+    ) -> Trainer:
+        """:meth:`from_inputs` for several volumes: one model learns from all of them.
 
-    def update_annotations(self, labels: Any, annotated_slices: Mapping[int, Sequence[int]] | None = None) -> None:
-        """Replace the annotations (same classes) — the correction loop's entry point."""
+        ``labels`` and ``annotated_slices`` come one per image; the classes are the
+        union of the volumes' (a volume may annotate only some).  ``spacing`` is the
+        model's; a volume whose own entry in ``spacings`` differs is resampled to it.
+        """
+        class_values = None if init is None else model_info(init, "init").class_values
+        model_spacing = model_info(init, "init").spacing if init is not None and spacing is None else spacing
+        volumes, annotations = prepare_volumes(
+            images, labels, annotated_slices, channel_axis=channel_axis, background_label=background_label,
+            class_values=class_values, spacings=spacings, model_spacing=model_spacing,
+        )
+        return cls(volumes, annotations, spacing=spacing, config=config, device=device, seed=seed, init=init)
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def annotations(self) -> Annotations:
+        """The annotations of the first volume (the one the napari loop corrects)."""
+        return self.data.annotations[0]
+
+    @property
+    def all_annotations(self) -> list[Annotations]:
+        """The annotations of every volume, as the user made them (held-out voxels included)."""
+        return self.data.annotations
+
+    def update_annotations(
+        self, labels: Any, annotated_slices: Mapping[int, Sequence[int]] | None = None, *, index: int = 0
+    ) -> None:
+        """Replace the annotations (same classes) of volume ``index`` — the correction loop's entry point."""
         if isinstance(labels, Annotations):
             annotations = labels
         else:
             annotations = prepare_annotations(
-                labels, self.volume.spatial_shape, annotated_slices, class_values=self.class_values
+                labels, self.volumes[index].spatial_shape, annotated_slices, class_values=self.class_values
             )
-        self.annotations = annotations
-        self.sampler.set_targets(annotations.target, class_weights(annotations.counts(), self.config.train.class_balance))
+        self.data.update(index, annotations)
         if self._prefetcher is not None:
             self._prefetcher.invalidate()
 
@@ -216,26 +246,9 @@ class Trainer:
         """Retry with half the batch (and say so), down to one patch; then give up with advice."""
         self.optimizer.zero_grad(set_to_none=True)
         release_cached_memory(self.device)
-        if self.batch_size <= 1:
-            raise MemoryError(
-                f"out of {self.device.type} memory even with one patch of {tuple(self.patch_size)} voxels; choose a"
-                " smaller config.train.patch_voxels or the 'default' preset"
-            ) from exc
-        self.batch_size //= 2
-        warnings.warn(
-            f"out of {self.device.type} memory: training goes on with batch size {self.batch_size}", RuntimeWarning, stacklevel=3
-        )
+        self.batch_size = halve_batch(self.batch_size, self.device.type, self.patch_size, exc)
 
     # -- the loop ---------------------------------------------------------------------
-    def _learning_rate(self, step_in_round: int, progress: float) -> float:
-        tc = self.config.train
-        lr = tc.learning_rate
-        if tc.warmup_steps and step_in_round < tc.warmup_steps:
-            lr *= (step_in_round + 1) / tc.warmup_steps
-        if tc.lr_schedule == "poly":
-            lr *= (1.0 - min(progress, 0.999)) ** 0.9
-        return lr
-
     def _step(self, lr: float) -> float | None:
         """Forward and backward of one step; ``None`` when it is skipped (non-finite loss or gradient).
 
@@ -251,10 +264,12 @@ class Trainer:
         else:
             image, target, weight = self.sampler.sample(self.batch_size, self.rng)
         x = torch.from_numpy(image).to(self.device, non_blocking=True)
-        if tc.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         t = torch.from_numpy(target).to(self.device, non_blocking=True)
         w = torch.from_numpy(weight).to(self.device, non_blocking=True)
+        if self.spatial.enabled:  # one grid_sample for the batch, on the device
+            x, t, w = self.spatial(x, t, w, self.torch_rng)
+        if tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         self.model.train()
         with autocast(self.device, self._round_precision):
             outputs = self.model(x)
@@ -274,38 +289,27 @@ class Trainer:
             return None
         return value  # the update is applied by the loop, under weights_lock
 
-    #: Consecutive skipped steps after which the learning rate is halved, after which
-    #: the rest of the round runs in float32, and after which training gives up.
-    BACKOFF_LR, BACKOFF_FP32, GIVE_UP = 3, 6, 10
+    def _validate(self) -> float | None:
+        """The validation Dice every ``config.train.validation_every`` steps (None between, or with nothing held out)."""
+        validator = self.data.validator
+        if validator is None or self.iteration % self.config.train.validation_every:
+            return None
+        return validator.dice(self.model, self.device, self._round_precision)
 
     def _back_off(self, consecutive: int) -> None:
-        """React to ``consecutive`` skipped steps in a row (see the class constants)."""
-        where = f"iteration {self.iteration + 1}"
-        if consecutive == self.BACKOFF_LR:
+        """React to ``consecutive`` skipped steps in a row (see :class:`~napari_sparse3d.engine.optim.BackOff`)."""
+        action = BackOff.react(
+            consecutive,
+            f"iteration {self.iteration + 1}",
+            float32_already=self._round_precision == torch.float32,
+            advice=f"Look for extreme values in the image (the clip bounds are {self.normalization.lower}.."
+            f"{self.normalization.upper}) or lower config.train.learning_rate (now {self.config.train.learning_rate})",
+        )
+        if action == "halve_lr":
             self._lr_scale *= 0.5
-            warnings.warn(
-                f"{consecutive} training steps in a row had a non-finite loss or gradient ({where});"
-                f" the learning rate is halved for the rest of this round",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        elif consecutive == self.BACKOFF_FP32 and self._round_precision != torch.float32:
+        elif action == "float32":
             self._round_precision = torch.float32
             self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-            warnings.warn(
-                f"{consecutive} training steps in a row had a non-finite loss or gradient ({where}), also at a lower"
-                " learning rate; the rest of this round trains in float32",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        elif consecutive >= self.GIVE_UP:
-            raise FloatingPointError(
-                f"training stopped at {where}: {consecutive} steps in a row had a non-finite loss or gradient,"
-                f" also at half the learning rate and in float32, so none of them changed the weights (the model"
-                f" keeps those of its last good step). Look for extreme values in the image (the clip bounds are"
-                f" {self.normalization.lower}..{self.normalization.upper}) or lower config.train.learning_rate"
-                f" (now {self.config.train.learning_rate})"
-            )
 
     def steps(
         self, max_seconds: float | None = None, max_iterations: int | None = None
@@ -350,7 +354,7 @@ class Trainer:
                 if done >= max_iterations:
                     break
                 progress = max(progress, done / max_iterations)
-            lr = self._learning_rate(done, progress)
+            lr = learning_rate(self.config.train, done, progress)
             t0 = time.perf_counter()
             try:
                 loss = self._step(lr * self._lr_scale)
@@ -380,6 +384,7 @@ class Trainer:
                     step_seconds=time.perf_counter() - t0,
                     progress=min(1.0, max(progress, done / max_iterations if max_iterations else 0.0)),
                     skipped=skipped,
+                    val_dice=self._validate(),
                 )
                 self.history.append(report.to_dict())
                 if len(self.history) > 2 * HISTORY_LIMIT:  # bounded memory over any number of steps

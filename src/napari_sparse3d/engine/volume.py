@@ -33,6 +33,7 @@ __all__ = [
     "int3",
     "integer_labels",
     "prepare_annotations",
+    "prepare_many",
 ]
 
 def check_numeric(name: str, array: Any) -> np.dtype:
@@ -268,6 +269,8 @@ def prepare_annotations(
     annotated_slices: Any = None,
     background_label: int | None = None,
     class_values: Sequence[int] | None = None,
+    *,
+    require_two: bool = True,
 ) -> Annotations:
     """Turn napari-style labels into class targets.
 
@@ -305,7 +308,7 @@ def prepare_annotations(
         )
     if class_values is None:
         class_values = ([0] if has_background else []) + foreground_values
-        if len(class_values) < 2:
+        if require_two and len(class_values) < 2:
             only = class_values[0]
             raise ValueError(
                 f"labels annotate only one class ({'background' if only == 0 else f'label {only}'}); a model needs at"
@@ -330,6 +333,39 @@ def prepare_annotations(
     if 0 in class_values:
         target[background] = class_values.index(0)
     return Annotations(target=target, class_values=list(class_values), annotated_slices=slices)
+
+
+def prepare_many(
+    labels: Sequence[Any],
+    shapes: Sequence[Sequence[int]],
+    annotated_slices: Sequence[Any],
+    background_label: int | None = None,
+    class_values: Sequence[int] | None = None,
+) -> list[Annotations]:
+    """:func:`prepare_annotations` for several volumes, indexed by one class order.
+
+    Without ``class_values`` the classes are the union over the volumes (a volume may
+    annotate only some of them, even only background); together they must hold two.
+    """
+    if not (len(labels) == len(shapes) == len(annotated_slices)):
+        raise ValueError(
+            f"labels, images and annotated_slices must come one per volume, got {len(labels)}, {len(shapes)} and"
+            f" {len(annotated_slices)}"
+        )
+    prepared = []
+    for i, (lab, shape, slices) in enumerate(zip(labels, shapes, annotated_slices)):
+        try:
+            prepared.append(prepare_annotations(lab, shape, slices, background_label, class_values, require_two=False))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"volume {i}: {exc}") from None
+    if class_values is None:
+        class_values = sorted({v for a in prepared for v in a.class_values})
+        if len(class_values) < 2:
+            raise ValueError(
+                f"labels of all {len(labels)} volumes together annotate only one class ({class_values}); a model needs"
+                " at least two: annotate background (annotated_slices or background_label) and at least one class"
+            )
+    return [a.remap(class_values) for a in prepared]
 
 
 @dataclass(frozen=True)

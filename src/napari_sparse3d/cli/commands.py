@@ -1,11 +1,4 @@
-"""The console command ``napari-sparse3d``: train, predict and run without a GUI.
-
-Examples::
-
-    napari-sparse3d run --sample cells --seconds 60 --output-dir demo
-    napari-sparse3d train image.tif labels.tif --slices z=10,30 --slices y=64 --seconds 300 --output model.pt
-    napari-sparse3d predict model.pt a.tif b.zarr c.npy --output-dir predictions --format zarr
-"""
+"""The console command's sub-commands (train, predict, run, project) and its entry point :func:`main`."""
 
 from __future__ import annotations
 
@@ -16,115 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from napari_sparse3d.config import PRESETS
+from napari_sparse3d.cli.parser import build_parser, parse_slices, training_pairs, volume_slices
 
-__all__ = ["build_parser", "main", "parse_slices"]
-
-AXES = {"z": 0, "y": 1, "x": 2, "0": 0, "1": 1, "2": 2}
-
-
-def parse_slices(items: Sequence[str] | None) -> dict[int, list[int]] | None:
-    """``["z=10,30", "x=5"]`` -> ``{0: [10, 30], 2: [5]}``."""
-    if not items:
-        return None
-    out: dict[int, list[int]] = {}
-    for item in items:
-        axis, sep, indices = item.partition("=")
-        if not sep or axis.strip().lower() not in AXES:
-            raise argparse.ArgumentTypeError(f"--slices expects AXIS=I,J,... with AXIS one of z, y, x (or 0, 1, 2), got {item!r}")
-        try:
-            values = [int(v) for v in indices.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--slices: indices must be integers, got {item!r}") from None
-        out.setdefault(AXES[axis.strip().lower()], []).extend(values)
-    return out
+__all__ = ["main", "output_stems"]
 
 
 def _config(args: argparse.Namespace) -> Any:
     if args.config:
         return json.loads(Path(args.config).read_text())
     return args.preset
-
-
-def _add_training_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--slices",
-        action="append",
-        metavar="AXIS=I,J",
-        help="fully annotated slices, e.g. --slices z=10,30 --slices x=64: inside them unpainted voxels are "
-        "background (repeat per axis)",
-    )
-    p.add_argument("--background-label", type=int, help="a label value that means background everywhere (scribbles)")
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size; default isotropic")
-    p.add_argument("--seconds", type=float, help="training budget in seconds (default 120 if no --iterations)")
-    p.add_argument("--iterations", type=int, help="training budget in optimisation steps")
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="configuration preset (default: 'large' on CUDA, 'default' elsewhere); --config overrides it",
-    )
-    p.add_argument("--config", help="JSON file with a configuration {model: {...}, train: {...}, predict: {...}}")
-    p.add_argument("--init", help="checkpoint to continue training from (warm start)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of this command (never other files)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--channel-axis", type=int, help="the channel axis of a 4D (multichannel) image")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="napari-sparse3d",
-        description="Train a 3D U-Net from a few annotated slices and segment volumes densely. Label files follow "
-        "napari: 0 = not annotated, >= 1 = class. Images and labels may be .tif, .npy or .zarr.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train a model from sparse labels and save a checkpoint")
-    train.add_argument("image", help="the image volume (.tif/.npy/.zarr), or a project folder (resumes it)")
-    train.add_argument("labels", nargs="?", help="sparse labels of the same shape (a project has its own)")
-    train.add_argument("--output", "-o", help="checkpoint file to write (.pt); required unless IMAGE is a project")
-    _add_training_options(train)
-    _add_common(train)
-
-    pred = sub.add_parser("predict", help="segment one or more volumes with a trained model")
-    pred.add_argument("model", help="checkpoint written by train or run")
-    pred.add_argument("images", nargs="+", help="volumes to segment")
-    pred.add_argument("--output-dir", "-o", required=True, help="folder for <name>_labels.<format>")
-    pred.add_argument(
-        "--format", choices=["tif", "npy", "zarr"], default="tif", help="output format (zarr is written block by block)"
-    )
-    _add_common(pred)
-
-    run = sub.add_parser(
-        "run",
-        help="train on sparse labels and segment the same volume; writes labels, checkpoint and a PNG of orthogonal views",
-    )
-    run.add_argument("image", nargs="?", help="the image volume, or a project folder (omit with --sample)")
-    run.add_argument("labels", nargs="?", help="sparse labels (omit with --sample or a project)")
-    run.add_argument("--sample", choices=["cells", "cells3"], help="use generated sample data instead of files "
-                     "(cells: 2 classes; cells3: background, interior, boundary) with --sample-slices annotated slices per axis")
-    run.add_argument("--sample-slices", type=int, default=2, help="annotated slices per axis for --sample (default 2)")
-    run.add_argument("--output-dir", "-o", required=True, help="folder for labels.tif, model.pt, views.png, summary.json")
-    _add_training_options(run)
-    _add_common(run)
-
-    proj = sub.add_parser(
-        "project",
-        help="make a project folder (image, annotations, models, history in one zarr directory) or describe one",
-    )
-    proj.add_argument("path", help="the project folder (e.g. cells.zarr)")
-    proj.add_argument("image", nargs="?", help="image to start a new project with (omit to describe an existing one)")
-    proj.add_argument("labels", nargs="?", help="sparse labels to start with")
-    proj.add_argument("--slices", action="append", metavar="AXIS=I,J", help="fully annotated slices, e.g. z=10,20 (repeatable)")
-    proj.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size; default isotropic")
-    proj.add_argument("--reference", action="store_true", help="keep the image file where it is (stored: its path and "
-                      "content hash) instead of copying it into the project")
-    proj.add_argument("--overwrite", action="store_true", help="replace an earlier project at PATH (never another folder)")
-    return parser
 
 
 class _Progress:
@@ -168,9 +61,9 @@ class _Progress:
         self._close()
 
 
-def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _train_kwargs(args: argparse.Namespace, *, slices: bool = True) -> dict[str, Any]:
     return dict(
-        annotated_slices=parse_slices(args.slices),
+        annotated_slices=parse_slices(args.slices) if slices else None,
         spacing=args.spacing,
         max_seconds=args.seconds,
         max_iterations=args.iterations,
@@ -187,19 +80,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from napari_sparse3d.api import run
     from napari_sparse3d.io.project import Project, is_project
 
-    project = is_project(args.image)
-    if not project and (args.labels is None or args.output is None):
-        raise ValueError("train needs IMAGE LABELS --output MODEL.pt, or a project folder as IMAGE")
+    pairs = training_pairs(args.inputs, is_project)
+    if args.output is None and not is_project(pairs[0][0]):
+        raise ValueError(
+            "train needs IMAGE LABELS --output MODEL.pt, or a project folder as IMAGE (--output is needed unless the"
+            " first input is a project, which keeps the checkpoints)"
+        )
     if args.output:
-        _check_target(Path(args.output), args.overwrite, [args.image, args.labels, args.init])
+        _check_target(Path(args.output), args.overwrite, [*args.inputs, args.init])
     progress = _Progress(args.quiet)
-    res = run(args.image, args.labels, progress=progress, **_train_kwargs(args))
+    kwargs = _train_kwargs(args, slices=False)
+    if len(pairs) == 1:
+        kwargs["annotated_slices"] = volume_slices(args.slices, 1)[0]
+        res = run(pairs[0][0], pairs[0][1], progress=progress, **kwargs)
+    else:
+        kwargs["annotated_slices"] = volume_slices(args.slices, len(pairs))
+        res = run([p[0] for p in pairs], [p[1] for p in pairs], progress=progress, **kwargs)[0]
     progress.close()
     if args.output:
         print(f"checkpoint written to {res.save(args.output)}")
-    if project:
-        print(f"project {args.image}: latest checkpoint {Project.open(args.image).checkpoint('latest')}")
-    print(f"trained {len(res.history)} steps")
+    if is_project(pairs[0][0]):
+        print(f"project {pairs[0][0]}: latest checkpoint {Project.open(pairs[0][0]).checkpoint('latest')}")
+    print(f"trained {len(res.history)} steps on {len(pairs)} volume{'s' if len(pairs) > 1 else ''}")
     return 0
 
 
@@ -264,6 +166,39 @@ def _check_target(target: Path, overwrite: bool, inputs: Sequence[Any]) -> None:
                       what=f"{target.suffix.lower()} output of napari-sparse3d")
 
 
+def _check_postprocess(args: argparse.Namespace, classes: Sequence[int], targets: Sequence[Path], inputs: Any) -> Any:
+    """Refuse bad post-processing options before any work; returns the boundary class value (None: none)."""
+    if args.min_size < 0:
+        raise ValueError(f"--min-size must be >= 0, got {args.min_size}")
+    words = {"auto": 2 if 2 in classes and args.interior != 2 else None, "none": None}
+    boundary = words.get(args.boundary.lower(), args.boundary)
+    if boundary is not None and not str(boundary).isdigit():
+        raise ValueError(f"--boundary must be a class value, 'none' or 'auto', got {args.boundary!r}")
+    boundary = None if boundary is None else int(boundary)
+    if args.instances:
+        if len(args.images) != 1 or Path(args.instances).resolve() in {t.resolve() for t in targets}:
+            raise ValueError("--instances OUT writes one array: give one image, and OUT apart from the labels' outputs")
+        if not {args.interior, boundary} <= {*classes, None}:
+            raise ValueError(f"--interior {args.interior} and --boundary {boundary} must be classes of the model: {classes}")
+        _check_target(Path(args.instances), args.overwrite, inputs)
+    return boundary
+
+
+def _postprocess(args: argparse.Namespace, labels: Any, info: Any, boundary: int | None, inputs: Sequence[Any]) -> Any:
+    """The labels cleaned as asked; writes the instances when asked."""
+    from napari_sparse3d.engine.postprocess import clean_labels, instances_from_prediction
+    from napari_sparse3d.io.arrays import save_array
+
+    largest = [v for v in info.class_values if v != 0] if args.keep_largest else ()
+    labels = clean_labels(labels, min_size=args.min_size, keep_largest=largest)
+    if args.instances:
+        instances = instances_from_prediction(labels, interior=args.interior, boundary=boundary, min_size=args.min_size,
+                                              spacing=getattr(args, "spacing", None) or info.spacing)
+        save_array(args.instances, instances, overwrite=args.overwrite, inputs=inputs)
+        print(f"{int(instances.max())} instances -> {args.instances}")
+    return labels
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from napari_sparse3d.api import predict
     from napari_sparse3d.io.arrays import save_array
@@ -275,14 +210,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     inputs = [args.model, *args.images]
     for target in targets:  # refuse before hours of work, not after
         _check_target(target, args.overwrite, inputs)
+    boundary = _check_postprocess(args, model.sparse3d.class_values, targets, inputs)
+    post = bool(args.min_size or args.keep_largest or args.instances)  # needs the whole volume (not zarr block by block)
     out_dir.mkdir(parents=True, exist_ok=True)
     for image, target in zip(args.images, targets):
         progress = _Progress(args.quiet)
-        if args.format == "zarr":
+        if args.format == "zarr" and not post:
             predict(image, model, out=str(target), overwrite=args.overwrite, device=args.device, progress=progress,
-                    channel_axis=args.channel_axis)
+                    channel_axis=args.channel_axis, spacing=args.spacing)
         else:
-            labels = predict(image, model, device=args.device, progress=progress, channel_axis=args.channel_axis)
+            labels = predict(image, model, device=args.device, progress=progress, channel_axis=args.channel_axis,
+                             spacing=args.spacing)
+            if post:
+                labels = _postprocess(args, labels, model.sparse3d, boundary, inputs)
             save_array(target, labels, overwrite=args.overwrite, inputs=inputs)
         progress.close()
         print(f"{image} -> {target}")
@@ -358,7 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        parse_slices(getattr(args, "slices", None))  # report format errors before loading anything
+        # report format errors before loading anything
+        if args.command == "train":
+            volume_slices(args.slices, len(args.inputs))
+        else:
+            parse_slices(getattr(args, "slices", None))
         handler = {"train": _cmd_train, "predict": _cmd_predict, "run": _cmd_run, "project": _cmd_project}[args.command]
         return handler(args)
     except (argparse.ArgumentTypeError, ValueError, TypeError, OSError) as exc:
@@ -366,5 +310,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
