@@ -3,8 +3,9 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/screenshots.py
 
 Drives the loop a user goes through — annotate two slices, train with the
-prediction streaming in, correct a slice, continue — and saves the whole napari
-window at each stage into ``docs/images/``.
+prediction streaming in (the validation Dice beside the loss), correct a slice,
+continue, split the result into instances — and saves the whole napari window at
+each stage into ``docs/images/``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def main() -> int:
     viewer.screenshot(str(OUT / "4-retrained.png"), canvas_only=False)
     after = float(np.mean(state.prediction_layer.data == truth))
     print(f"voxel accuracy: {before:.3f} after the first round, {after:.3f} after the correction round")
+    dice = list(train.plot.val_dices)
+    print(f"validation Dice shown beside the loss: {dice[-1] if dice else None}")
+
+    # 5. instances: split the cells along the predicted boundary class
+    train.instances.min_size.value = 20
+    layer = train.instances.make_instances()
+    for other in viewer.layers:
+        other.visible = other is layer or other.name == "cells"
+    pause(app, 1.0)
+    viewer.screenshot(str(OUT / "5-instances.png"), canvas_only=False)
+    print(f"instances: {int(layer.data.max())}")
     viewer.close()
     return 0
 

@@ -93,12 +93,19 @@ def run(
     background_label: int | None = None,
     init: ModelInput | None = None,
     checkpoint_every: float = 30.0,
-) -> RunResult:
+) -> RunResult | list[RunResult]:
     """Train a 3D U-Net on sparse annotations of ``image`` and segment all of it.
+
+    ``image`` may also be a list of volumes (arrays, paths or projects): one model
+    then learns from all of them (the 3D U-Net paper's fully automatic use), and
+    ``labels``, ``annotated_slices`` and ``spacing`` come one entry per volume
+    (``spacing`` may also be one triple for all); a list of :class:`RunResult`
+    comes back, one per volume, sharing the model.  Checkpoints go into the first
+    project given, each volume's prediction into its own project.
 
     Parameters
     ----------
-    image : array (Z, Y, X), path, or project directory
+    image : array (Z, Y, X), path, or project directory; or a list of them
         numpy, zarr or dask array, or a tif/zarr/npy file.  With
         ``channel_axis`` a 4D array holding channels.  A project
         (:class:`~napari_sparse3d.project.Project`) supplies the image, the
@@ -112,7 +119,8 @@ def run(
         Fully annotated slices: inside them an unpainted (0) voxel is background.
     spacing : (z, y, x), optional
         Voxel size; anisotropic spacing changes the network's kernels, strides
-        and patch shape.  Default: isotropic.
+        and patch shape.  Default: isotropic.  With several volumes the first one's
+        is the model's; a volume at another spacing is resampled to it.
     max_seconds, max_iterations : optional
         Training budget; either or both (default: 120 seconds).
     device : str
@@ -132,7 +140,7 @@ def run(
 
     Returns
     -------
-    RunResult
+    RunResult, or a list of them (one per volume) when ``image`` is a list
         ``labels`` (Z, Y, X) with the user's label values (0 = background),
         ``probabilities`` (K, Z, Y, X) float32, ``model``, ``patch_size``,
         ``history`` (one TrainReport per step), ``class_values`` and ``save(path)``.
