@@ -83,7 +83,7 @@ class LoopState:
         self.uncertainty_layer: Image | None = None
         self.model: UNet3D | None = None  # the last good model (a trained torch module)
         self.trainer: Trainer | None = None  # kept between rounds so Continue keeps the optimiser state
-        self.trainer_key: tuple[int, int] | None = None  # ids of the image and annotation layers it trains on
+        self.trainer_key: tuple[int, ...] | None = None  # ids of the image and annotation layers it trains on (extra pairs too)
         self.uncertainty: np.ndarray | None = None
         # what the network last predicted, to tell the user's corrections from it
         self.reference: np.ndarray | None = None

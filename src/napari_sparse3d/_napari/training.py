@@ -2,6 +2,7 @@
 
 - :class:`~napari_sparse3d._napari.settings.SettingsForm`: preset, budget, device, advanced settings;
 - :class:`~napari_sparse3d._napari.training_run.TrainingRun`: what Start / Continue trains on, and its job;
+- :class:`~napari_sparse3d._napari.extra_volumes.ExtraVolumesBox`: other image/annotation pairs it also learns from;
 - :class:`~napari_sparse3d._napari.runner.JobRunner`: the worker thread of the job that runs;
 - :class:`~napari_sparse3d._napari.progress.ProgressView`: progress bar, status line, loss plot;
 - :class:`~napari_sparse3d._napari.painter.PredictionPainter`: predicted blocks into napari layers;
@@ -26,6 +27,7 @@ from qtpy.QtWidgets import QVBoxLayout
 
 from napari_sparse3d._napari.corrections_box import CorrectionsBox
 from napari_sparse3d._napari.dock import DockWidget
+from napari_sparse3d._napari.extra_volumes import ExtraVolumesBox
 from napari_sparse3d._napari.instances_box import InstancesBox
 from napari_sparse3d._napari.model_box import ModelBox
 from napari_sparse3d._napari.painter import PredictionPainter, PredictionTarget
@@ -61,7 +63,7 @@ class TrainingWidget(DockWidget):
         self.last_error: BaseException | None = None
         self.preview_every = 3.0  # seconds between previews of the viewed slice during training
         self.checkpoint_every = 30.0  # seconds between checkpoints written into a project
-        self._trainer_key: tuple[int, int] | None = None  # the layers the running training job trains on
+        self._trainer_key: tuple[int, ...] | None = None  # the layers the running training job trains on
         self._handlers: dict[type, Callable[[Any], None]] = {}  # filled by the first item (see _on_yield)
 
         self.settings = form = SettingsForm()
@@ -70,6 +72,7 @@ class TrainingWidget(DockWidget):
         self.start_button = PushButton(text="Start (new model)")
         self.continue_button = PushButton(text="Continue (Alt-T)")
         self.stop_button = PushButton(text="Stop (Alt-S)")
+        self.extra = ExtraVolumesBox(self.viewer, self.state, error=self._error)
         self.progress_view = ProgressView()
         self.status, self.progress, self.plot = self.progress_view.status, self.progress_view.bar, self.progress_view.plot
         self.corrections = CorrectionsBox(self.state)
@@ -82,6 +85,7 @@ class TrainingWidget(DockWidget):
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.settings)
+        layout.addWidget(self.extra)
         buttons = Container(widgets=[self.start_button, self.continue_button, self.stop_button], layout="horizontal")
         layout.addWidget(buttons.native)
         layout.addWidget(self.progress_view)
@@ -125,6 +129,7 @@ class TrainingWidget(DockWidget):
 
     def reset_choices(self, *_: object) -> None:
         self.models.apply_to.reset_choices()
+        self.extra.reset_choices()
 
     def config(self) -> Config:
         """The configuration the settings form describes."""
@@ -137,6 +142,7 @@ class TrainingWidget(DockWidget):
         running = self.running
         self.start_button.enabled = not running
         self.continue_button.enabled = not running
+        self.extra.enable(not running)
         self.stop_button.enabled = running
         self.stop_button.text = "Cancel prediction (Alt-S)" if self.phase == "predicting" else "Stop (Alt-S)"
         self.corrections.enable(not running and self.state.prediction_layer is not None)
@@ -152,7 +158,9 @@ class TrainingWidget(DockWidget):
         if self.running:
             return False
         try:
-            run = TrainingRun.read(self.state, warm=warm, config=self.config(), device=self.device.value)
+            run = TrainingRun.read(
+                self.state, warm=warm, config=self.config(), device=self.device.value, extra=list(self.extra.pairs)
+            )
         except (TypeError, ValueError) as exc:
             self._error(f"Cannot train: {exc}")
             return False

@@ -14,6 +14,10 @@ What a job yields is typed: the engine's reports and blocks, and the small
 items below (:class:`Phase`, :class:`Preview`, :class:`TrainerReady`,
 :class:`JobFailed`), so that a consumer dispatches on the item's type.
 
+:func:`build_trainer` and :func:`update_trainer` make or refresh the trainer a
+job trains: on one volume, or with ``extra`` volumes (:class:`ExtraVolume`)
+that add training data while previews and predictions stay on the first.
+
 Importing this module does not import torch (the engine is imported when a job
 first runs): the napari docks import it on the GUI thread.
 """
@@ -24,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +37,7 @@ from napari_sparse3d.config import PredictConfig
 if TYPE_CHECKING:
     import numpy.typing as npt
 
+    from napari_sparse3d.config import Config
     from napari_sparse3d.engine.checkpointing import CheckpointSaver
     from napari_sparse3d.engine.model import UNet3D
     from napari_sparse3d.engine.prediction import Block, PredictReport
@@ -41,13 +46,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PREVIEW_CONFIG",
+    "ExtraVolume",
     "JobFailed",
     "Phase",
     "Preview",
     "TrainerReady",
+    "build_trainer",
     "check_annotations",
     "prediction_job",
     "training_job",
+    "update_trainer",
 ]
 
 #: Previews favour speed: windows of the training patch (the least context around the slice on
@@ -87,14 +95,115 @@ class JobFailed:
     error: Exception
 
 
-def check_annotations(labels: np.ndarray, annotated_slices: Mapping[int, Sequence[int]] | None) -> None:
+@dataclass(frozen=True)
+class ExtraVolume:
+    """A further image and its annotations that a training run learns from (never previewed or predicted).
+
+    Parameters
+    ----------
+    image : array-like
+        A 3D grey image (numpy, zarr, dask).
+    labels : numpy.ndarray
+        Its napari-style annotations (0 = not annotated), the image's shape.
+    slices : mapping of axis to slice indices, optional
+        Its fully annotated slices (there, 0 is background).
+    spacing : (z, y, x), optional
+        Its voxel spacing; it is resampled to the model's spacing where they differ.
+        None: taken to be at the model's spacing.
+    """
+
+    image: Any
+    labels: np.ndarray
+    slices: Mapping[int, Sequence[int]] | None = None
+    spacing: tuple[float, float, float] | None = None
+
+
+def check_annotations(
+    labels: np.ndarray,
+    annotated_slices: Mapping[int, Sequence[int]] | None,
+    extra: Sequence[ExtraVolume] | None = None,
+) -> None:
     """Raise the ``TypeError``/``ValueError`` a new training run would raise for these annotations.
 
     For saying what is wrong before a job starts, on the GUI thread (no torch).
+    With ``extra`` volumes the classes are those of all volumes together.
     """
+    from napari_sparse3d.engine.volume import prepare_annotations, prepare_many
+
+    if not extra:
+        prepare_annotations(labels, labels.shape, annotated_slices or None)
+        return
+    prepare_many(
+        [labels, *(e.labels for e in extra)],
+        [labels.shape, *(e.labels.shape for e in extra)],
+        [annotated_slices or None, *(e.slices or None for e in extra)],
+    )
+
+
+def build_trainer(
+    image: Any,
+    labels: np.ndarray,
+    annotated_slices: Mapping[int, Sequence[int]] | None,
+    *,
+    spacing: Sequence[float] | None = None,
+    config: Config | None = None,
+    device: str = "auto",
+    init: UNet3D | None = None,
+    extra: Sequence[ExtraVolume] | None = None,
+) -> Trainer:
+    """A new trainer for ``image`` (the volume the loop shows and corrects) and any ``extra`` volumes.
+
+    Without ``extra`` this is :meth:`~napari_sparse3d.engine.training.Trainer.from_inputs`;
+    with them, :meth:`~napari_sparse3d.engine.training.Trainer.from_many` with ``image`` first
+    and ``spacing`` the model's (an extra volume with another spacing is resampled to it;
+    without a model spacing none is).
+    """
+    from napari_sparse3d.engine.training import Trainer
+
+    if not extra:
+        return Trainer.from_inputs(image, labels, annotated_slices, spacing=spacing, config=config, device=device, init=init)
+    spacings = [spacing, *(e.spacing for e in extra)]
+    return Trainer.from_many(
+        [image, *(e.image for e in extra)],
+        [labels, *(e.labels for e in extra)],
+        [annotated_slices, *(e.slices for e in extra)],
+        spacing=spacing,
+        spacings=None if all(s is None for s in spacings) else spacings,
+        config=config,
+        device=device,
+        init=init,
+    )
+
+
+def update_trainer(
+    trainer: Trainer,
+    labels: np.ndarray,
+    annotated_slices: Mapping[int, Sequence[int]] | None,
+    extra: Sequence[ExtraVolume] | None = None,
+) -> None:
+    """Give a kept trainer the current annotations: of its first volume and of each ``extra`` one, in order.
+
+    ``extra`` must be the volumes the trainer was built with (:func:`build_trainer`);
+    their annotations are resampled as their images were.
+    """
+    from napari_sparse3d.engine.training_data import resample_annotations
     from napari_sparse3d.engine.volume import prepare_annotations
 
-    prepare_annotations(labels, labels.shape, annotated_slices or None)
+    extra = list(extra or ())
+    if len(extra) != len(trainer.volumes) - 1:
+        raise ValueError(f"the trainer learns from {len(trainer.volumes)} volumes, got annotations for {1 + len(extra)}")
+    trainer.update_annotations(labels, annotated_slices)
+    for index, volume in enumerate(extra, start=1):
+        try:
+            annotations = prepare_annotations(
+                volume.labels, volume.labels.shape, volume.slices or None, class_values=trainer.class_values, require_two=False
+            )
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"volume {index}: {exc}") from None
+        shape = tuple(trainer.volumes[index].spatial_shape)
+        if tuple(annotations.target.shape) != shape:
+            annotations = resample_annotations(annotations, shape)
+        trainer.update_annotations(annotations, index=index)
 
 
 def training_job(
