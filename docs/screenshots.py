@@ -81,7 +81,7 @@ def main() -> int:
     train.seconds.value = 40
     train.uncertainty_box.value = False
     train.start(warm=False)
-    wait(app, lambda: state.prediction_layer is not None and len(train.plot.iterations) > 150)
+    wait(app, lambda: state.prediction_layer is not None and len(train.plot.iterations) > 60)
     pause(app, 3.0)
     viewer.screenshot(str(OUT / "2-training.png"), canvas_only=False)
     wait(app, lambda: not train.running)
