@@ -202,7 +202,7 @@ def _spacing_per_volume(spacing: Any, n: int) -> bool:
     """Whether ``spacing`` is one entry per volume (each None or three numbers) rather than one for all."""
     if spacing is None or not isinstance(spacing, (list, tuple)) or len(spacing) != n:
         return False
-    return all(s is None or (isinstance(s, (list, tuple)) or hasattr(s, "__len__")) for s in spacing)
+    return all(s is None or hasattr(s, "__len__") for s in spacing)
 
 
 def _per_volume(name: str, value: Any, n: int, many: bool, item: Callable[[Any], bool] | None = None) -> list[Any]:

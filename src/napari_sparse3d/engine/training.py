@@ -199,8 +199,9 @@ class Trainer:
         union of the volumes' (a volume may annotate only some).  ``spacing`` is the
         model's; a volume whose own entry in ``spacings`` differs is resampled to it.
         """
-        class_values = None if init is None else model_info(init, "init").class_values
-        model_spacing = model_info(init, "init").spacing if init is not None and spacing is None else spacing
+        info = None if init is None else model_info(init, "init")
+        class_values = None if info is None else info.class_values
+        model_spacing = info.spacing if info is not None and spacing is None else spacing
         volumes, annotations = prepare_volumes(
             images, labels, annotated_slices, channel_axis=channel_axis, background_label=background_label,
             class_values=class_values, spacings=spacings, model_spacing=model_spacing,

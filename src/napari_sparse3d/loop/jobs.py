@@ -260,7 +260,11 @@ def training_job(
                 region = view()
                 if region is not None:
                     t0 = time.perf_counter()
-                    blocks = list(predict_region(trainer.volume, trainer.model, region, device=device, config=PREVIEW_CONFIG))
+                    # the volume's statistics were computed once when training started: not again for every preview
+                    blocks = list(predict_region(
+                        trainer.volume, trainer.model, region, device=device, config=PREVIEW_CONFIG,
+                        normalization=trainer.normalizations[0],
+                    ))
                     seconds = time.perf_counter() - t0
                     interval = max(preview_every, 4 * seconds)
                     yield Preview(blocks, report.iteration, seconds)
