@@ -30,7 +30,7 @@ def test_two_slices_per_axis_give_a_dense_segmentation():
     assert res.probabilities.shape == (2,) + image.shape and res.probabilities.dtype == np.float32
     np.testing.assert_allclose(res.probabilities.sum(0), 1.0, atol=1e-4)
     assert isinstance(res.model, torch.nn.Module)
-    out = res.model.eval()(torch.zeros(1, 1, *res.patch_size))
+    out = res.model.eval()(torch.zeros(1, 1 + res.model.prior_channels, *res.patch_size))
     assert out.shape == (1, 2, *res.patch_size)
     assert [h.iteration for h in res.history] == list(range(1, len(res.history) + 1))
     assert len(res.history) == 300 and all(h.skipped == 0 for h in res.history)

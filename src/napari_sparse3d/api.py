@@ -8,6 +8,7 @@ their arguments, then drive the same engine the napari docks use
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -243,6 +244,10 @@ def _train_and_predict(
     volumes = [as_volume(i.image, options["channel_axis"], name=f"image[{k}]" if len(inputs) > 1 else "image")
                for k, i in enumerate(inputs)]
     common = dict(background_label=options["background_label"], config=config, device=device, seed=options["seed"], init=init)
+    for k, volume in enumerate(volumes):
+        _check_volume_finite(volume, f"image[{k}]" if len(inputs) > 1 else "image")
+    # the time budget covers the whole training, the pixel classifier's fit (in the trainer's set-up) included
+    started = time.perf_counter()
     if len(inputs) == 1:
         trainer = Trainer.from_inputs(volumes[0], first.labels, first.annotated_slices, spacing=spacings[0], **common)
     else:
@@ -250,8 +255,8 @@ def _train_and_predict(
             volumes, [i.labels for i in inputs], [i.annotated_slices for i in inputs], spacing=spacings[0],
             spacings=spacings, **common,
         )
-    for k, volume in enumerate(volumes):
-        _check_volume_finite(volume, f"image[{k}]" if len(inputs) > 1 else "image")
+    if budget.get("max_seconds") is not None:
+        budget = dict(budget, max_seconds=max(1e-3, budget["max_seconds"] - (time.perf_counter() - started)))
     for project, own, save in zip(projects, inputs, save_labels):
         if project is not None and save:
             project.save_annotations(own.labels, own.annotated_slices or {})

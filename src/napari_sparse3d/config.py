@@ -59,6 +59,9 @@ class ModelConfig:
     downsample: str = "maxpool"  # "maxpool" | "conv" (strided convolution)
     upsample: str = "transpose"  # "transpose" | "trilinear"
     deep_supervision: bool = True
+    # a pixel classifier on multiscale filters (engine/pixel_head.py), fitted in seconds on the annotated
+    # voxels; its probabilities are extra inputs of the network and the prior its output corrects
+    pixel_classifier: bool = True
     kernel_sizes: tuple[tuple[int, int, int], ...] | None = None
     strides: tuple[tuple[int, int, int], ...] | None = None
 

@@ -17,7 +17,7 @@ from napari_sparse3d.engine.model import UNet3D, plan_levels
 @pytest.mark.parametrize("shape", [(4, 12, 20), (8, 8, 8), (12, 4, 28)])
 def test_tiny_models_keep_odd_shapes(options, shape):
     model = UNet3D(2, 3, ModelConfig(levels=3, base_features=2, **options)).eval()
-    x = torch.randn(1, 2, *shape)
+    x = torch.randn(1, 2 + model.prior_channels, *shape)
     assert model(x).shape == (1, 3, *shape)
 
 
@@ -34,7 +34,7 @@ def test_anisotropic_spacing_keeps_z_until_voxels_are_comparable():
     assert strides[2] == (2, 2, 2)  # after two in-plane poolings the voxels are isotropic
     model = UNet3D(1, 2, ModelConfig(levels=4, base_features=2), spacing=(4.0, 1.0, 1.0)).eval()
     assert model.divisor[0] < model.divisor[1]
-    x = torch.randn(1, 1, model.divisor[0] * 3, 16, 24)
+    x = torch.randn(1, 1 + model.prior_channels, model.divisor[0] * 3, 16, 24)
     assert model(x).shape == (1, 2, *x.shape[2:])
 
 
@@ -44,8 +44,24 @@ def test_isotropic_plan():
 
 
 def test_deep_supervision_returns_finest_first_while_training():
-    model = UNet3D(1, 2, ModelConfig(levels=3, base_features=2, deep_supervision=True))
+    model = UNet3D(1, 2, ModelConfig(levels=3, base_features=2, deep_supervision=True, pixel_classifier=False))
     outputs = model(torch.randn(1, 1, 8, 16, 16))
     assert [tuple(o.shape[2:]) for o in outputs] == [(8, 16, 16), (4, 8, 8)]
     model.eval()
     assert model(torch.randn(1, 1, 8, 16, 16)).shape == (1, 2, 8, 16, 16)
+
+
+def test_with_a_pixel_classifier_the_untrained_network_predicts_its_prior():
+    model = UNet3D(1, 3, ModelConfig(levels=3, base_features=2, deep_supervision=True))
+    assert model.prior_channels == 3
+    assert model.encoder[0][0].in_channels == 4  # image + three class probabilities
+    prior = torch.softmax(torch.randn(2, 3, 8, 16, 16), dim=1)  # (probabilities under 1e-4 are clamped)
+    x = torch.cat([torch.randn(2, 1, 8, 16, 16), prior], dim=1)
+    outputs = model(x)  # training: the finest output carries the prior, the coarser ones do not
+    torch.testing.assert_close(torch.softmax(outputs[0], 1), prior, atol=1e-4, rtol=0)
+    model.eval()
+    torch.testing.assert_close(torch.softmax(model(x), 1), prior, atol=1e-4, rtol=0)
+    # the classifier is not trained by the network's optimiser: its weights are buffers
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.startswith("pixel_head") for n in names)
+    assert {"pixel_head.w1", "pixel_head.mean", "pixel_head.fitted"} <= set(model.state_dict())

@@ -31,6 +31,11 @@ def _model(patch=(8, 16, 16), classes=(0, 1, 5), overlap=0.5, precision="fp32", 
     torch.manual_seed(0)
     model = UNet3D(1, len(classes), cfg.model).eval()
     model.sparse3d = ModelInfo(cfg, list(classes), Normalization((0.0,), (1.0,), (0.5,), (0.3,)), patch, None, 1)
+    with torch.no_grad():  # a classifier that says something, and a network that changes it
+        for name in ("w1", "b1", "w2", "b2", "w3", "b3"):
+            getattr(model.pixel_head, name).normal_(0.0, 0.5)
+        model.pixel_head.fitted.fill_(1.0)
+        model.heads[-1].weight.normal_(0.0, 0.5)
     return model
 
 
@@ -43,6 +48,8 @@ def _reference(image, model):
     wsum = np.zeros(image.shape, np.float64)
     g = gaussian_importance(window, info.config.predict.gaussian_sigma)
     norm = info.normalization.apply(image[None].astype(np.float32).copy())
+    # the classifier's probabilities of the whole volume at once: tiles must get the same from their margins
+    norm = np.concatenate([norm, model.pixel_head.probabilities(torch.from_numpy(norm)).numpy()])
     overlap = info.config.predict.overlap
     for z in window_starts(image.shape[0], window[0], overlap):
         for y in window_starts(image.shape[1], window[1], overlap):

@@ -149,7 +149,7 @@ def test_pooled_normalization_covers_every_volume():
 def _image_mode_model():
     cfg = Config.from_dict(
         {
-            "model": {"levels": 3, "base_features": 4},
+            "model": {"levels": 3, "base_features": 4, "pixel_classifier": False},
             "train": {"patch_size": [8, 16, 16], "precision": "fp32"},
             "predict": {"window": "patch", "overlap": 0.5, "batch_size": 3, "mirror_tta": False},
         }

@@ -224,7 +224,7 @@ def test_patches_cover_the_held_out_voxels():
 def test_several_volumes_and_a_real_unet():
     truth, held, volume, norm = _setup()
     empty = np.broadcast_to(np.int16(-1), truth.shape)
-    model = UNet3D(1, 3, ModelConfig(levels=2, base_features=4, deep_supervision=True))
+    model = UNet3D(1, 3, ModelConfig(levels=2, base_features=4, deep_supervision=True, pixel_classifier=False))
     validator = Validator([(volume, norm, empty), (volume, norm, held)], (8, 16, 16), 3, [1, 2], max_patches=4)
     assert {item for item, _, _ in validator.patches} == {1}
     model.train()

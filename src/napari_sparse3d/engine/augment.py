@@ -31,12 +31,16 @@ class Augmenter:
         Contrast and brightness changes on every sample, gamma and Gaussian
         noise on some (the image is z-scored, so these act in units of its
         standard deviation).
+    intensity_channels : int, optional
+        Only the first so many channels get the intensity changes (the rest are
+        the pixel classifier's probabilities, which stay as they are); default all.
     """
 
     flip: bool = True
     rotate90: bool = True
     intensity: bool = True
     square_yx: bool = True
+    intensity_channels: int | None = None
 
     def __call__(
         self, image: np.ndarray, target: np.ndarray, weight: np.ndarray, rng: np.random.Generator
@@ -56,12 +60,12 @@ class Augmenter:
                 weight = np.rot90(weight, k, axes=(1, 2))
         image = np.ascontiguousarray(image, dtype=np.float32)
         if self.intensity:
-            image = self._intensity(image, rng)
+            image = self._intensity(image, rng, self.intensity_channels)
         return image, np.ascontiguousarray(target), np.ascontiguousarray(weight)
 
     @staticmethod
-    def _intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        for c in range(image.shape[0]):
+    def _intensity(image: np.ndarray, rng: np.random.Generator, channels: int | None = None) -> np.ndarray:
+        for c in range(image.shape[0] if channels is None else min(channels, image.shape[0])):
             ch = image[c]
             if rng.random() < 0.3:  # gamma on the patch's own range
                 lo, hi = float(ch.min()), float(ch.max())

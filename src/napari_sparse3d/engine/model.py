@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from napari_sparse3d.config import ModelConfig
+from napari_sparse3d.engine.pixel_head import PixelClassifier
 from napari_sparse3d.engine.volume import Triple, int3
 
 if TYPE_CHECKING:  # the record of a trained network; engine.trained builds networks, so not imported at run time
@@ -137,10 +138,13 @@ class UNet3D(nn.Module):
         self.deep_supervision = config.deep_supervision
         features = [min(config.base_features * 2**i, config.max_features) for i in range(config.levels)]
         self.features = features
+        # with a pixel classifier the input is (image, classifier probabilities); see forward
+        self.pixel_head = PixelClassifier(in_channels, num_classes, spacing) if config.pixel_classifier else None
+        self.prior_channels = num_classes if self.pixel_head is not None else 0
 
         self.encoder = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
-        cin = in_channels
+        cin = in_channels + self.prior_channels
         for level, (f, k) in enumerate(zip(features, self.kernel_sizes)):
             if level > 0:
                 stride = self.strides[level - 1]
@@ -180,6 +184,9 @@ class UNet3D(nn.Module):
                 nn.init.kaiming_normal_(m.weight, a=slope)  # He initialisation, as in U-Net
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.pixel_head is not None:  # the untrained network predicts the classifier's prior
+            nn.init.zeros_(self.heads[-1].weight)
+            nn.init.zeros_(self.heads[-1].bias)
 
     def scale_factors(self) -> list[Triple]:
         """Per decoder output (finest first): how much coarser than the input it is, per axis."""
@@ -196,6 +203,11 @@ class UNet3D(nn.Module):
         return self.scale_factors()[-1] if self.strides else (1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``x``: ``(N, in_channels + prior_channels, z, y, x)``, the normalised image followed, with a
+        pixel classifier, by its class probabilities, whose logarithm is added to the finest output."""
+        prior = None
+        if self.prior_channels:
+            prior = torch.log(x[:, -self.prior_channels :].float().clamp_min(1e-4))
         skips = []
         for level, block in enumerate(self.encoder):
             if level > 0:
@@ -209,8 +221,11 @@ class UNet3D(nn.Module):
             if self.deep_supervision and self.training:
                 outputs.append(head(x))
         if self.deep_supervision and self.training:
+            if prior is not None:
+                outputs[-1] = outputs[-1] + prior
             return outputs[::-1]  # finest first
-        return self.heads[-1](x)
+        out = self.heads[-1](x)
+        return out + prior if prior is not None else out
 
 
 def build_model(in_channels: int, num_classes: int, config: ModelConfig, spacing: Sequence[float] | None) -> UNet3D:

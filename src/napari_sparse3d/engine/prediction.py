@@ -44,6 +44,7 @@ import torch
 from napari_sparse3d.config import PredictConfig
 from napari_sparse3d.engine.devices import autocast, resolve_device, resolve_precision
 from napari_sparse3d.engine.model import UNet3D
+from napari_sparse3d.engine.pixel_head import prior
 from napari_sparse3d.engine.preprocess import Normalization, plan_window, round_up
 from napari_sparse3d.engine.resample import ResampledVolume, labels_on_grid, model_grid, probability_buffer
 from napari_sparse3d.engine.trained import ModelInfo, model_info, require_trained
@@ -248,6 +249,7 @@ def predict_blocks(
         point = np.asarray(priority, dtype=float)
         tiles.sort(key=lambda t: float(np.sum((np.array([(r.start + r.stop) / 2 for r in t]) - point) ** 2)))
     plans = [grid.windows_touching(t) for t in tiles]
+    prior_channels = model.prior_channels
     total = sum(len(p) for p in plans)
     start = time.perf_counter()
     done = 0
@@ -259,9 +261,12 @@ def predict_blocks(
         block = volume.read(inside)
         check_finite("image", block)
         block = norm.apply(block)
-        image = torch.zeros((volume.channels, *(high - low for low, high in zip(lo, hi))), dtype=torch.float32)
-        image[(slice(None),) + tuple(slice(0, s.stop - s.start) for s in inside)] = torch.from_numpy(block)
+        image = torch.zeros((volume.channels + prior_channels, *(high - low for low, high in zip(lo, hi))), dtype=torch.float32)
+        within = tuple(slice(0, s.stop - s.start) for s in inside)
+        image[(slice(None, volume.channels), *within)] = torch.from_numpy(block)
         del block
+        if prior_channels:  # the pixel classifier's probabilities, computed with their own margin; 0 outside
+            image[(slice(volume.channels, None), *within)] = prior(model.pixel_head, volume, norm, inside).float().cpu()
         image = image.to(dev)
         tile_shape = tuple(t.stop - t.start for t in tile)
         acc = torch.zeros((len(class_values),) + tile_shape, dtype=torch.float32, device=dev)

@@ -14,6 +14,7 @@ Files (where, atomically, refusing what) are :mod:`napari_sparse3d.io.checkpoint
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,8 @@ __all__ = [
 ]
 
 FORMAT = "napari-sparse3d-checkpoint"
-FORMAT_VERSION = 1
+# 2: networks may carry a pixel classifier (model.pixel_classifier); version 1 files load without one
+FORMAT_VERSION = 2
 
 #: Entries of the per-step history kept in a checkpoint or manifest (and in a Trainer's memory).
 HISTORY_LIMIT = 1000
@@ -93,8 +95,12 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        raw = json.loads(data["config"]) if isinstance(data["config"], str) else data["config"]
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+            # networks saved before the pixel classifier existed have none
+            raw["model"].setdefault("pixel_classifier", False)
         return cls(
-            config=Config.from_json(data["config"]),
+            config=Config.from_dict(raw),
             class_values=[int(v) for v in data["class_values"]],
             normalization=Normalization.from_dict(data["normalization"]),
             patch_size=int3(data["patch_size"]),

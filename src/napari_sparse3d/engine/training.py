@@ -140,7 +140,7 @@ class Trainer:
         )
         self.data = TrainingData(
             volumes, self.normalizations, plan.annotations, class_values=self.class_values, patch_size=self.patch_size,
-            tc=tc, spacing=self.spacing, seed=self.seed,
+            tc=tc, spacing=self.spacing, seed=self.seed, head=self.model.pixel_head,
         )
         self.sampler = self.data.sampler
         self.spatial = SpatialAugment.from_config(tc, self.spacing)

@@ -20,6 +20,7 @@ import numpy as np
 
 from napari_sparse3d.config import TrainConfig
 from napari_sparse3d.engine.augment import Augmenter
+from napari_sparse3d.engine.pixel_head import AS_IS, PixelClassifier, WithPrior, probability_map, training_samples
 from napari_sparse3d.engine.preprocess import Normalization
 from napari_sparse3d.engine.resample import ResampledVolume, model_grid
 from napari_sparse3d.engine.sampling import MultiSampler, PatchSampler, class_weights
@@ -43,6 +44,9 @@ class TrainingData:
         The model's voxel size (in-plane 90 degree rotations only where y and x voxels are square).
     seed : int
         Which voxels are held out (the training draws use the trainer's generator).
+    head : PixelClassifier, optional
+        The network's pixel classifier: fitted here on the training voxels of every volume
+        (again after new annotations), its probabilities joining each image as extra channels.
     """
 
     def __init__(
@@ -56,27 +60,54 @@ class TrainingData:
         tc: TrainConfig,
         spacing: Sequence[float] | None,
         seed: int,
+        head: PixelClassifier | None = None,
     ) -> None:
         self.volumes, self.normalizations = list(volumes), list(normalizations)
+        self.head = head
         self.class_values, self.patch_size, self.tc, self.seed = list(class_values), patch_size, tc, int(seed)
         self.foreground = [k for k, v in enumerate(self.class_values) if v != 0]
         spacing = spacing or (1.0, 1.0, 1.0)
-        augmenter = Augmenter(tc.flip, tc.rotate90, tc.intensity, square_yx=math.isclose(spacing[1], spacing[2]))
+        augmenter = Augmenter(
+            tc.flip, tc.rotate90, tc.intensity, square_yx=math.isclose(spacing[1], spacing[2]),
+            intensity_channels=self.volumes[0].channels,
+        )
         self.annotations: list[Annotations] = list(annotations)  # what the user annotated
         self.held_out: list[np.ndarray] = []
-        samplers = []
-        for index, (volume, norm, full) in enumerate(zip(self.volumes, self.normalizations, self.annotations)):
+        trainings = []
+        for index, full in enumerate(self.annotations):
             training, held = split_validation(full, tc.validation, self.seed + index)
+            trainings.append(training)
             self.held_out.append(held)
-            samplers.append(PatchSampler(
-                volume, norm, training.target, class_weights(training.counts(), tc.class_balance), patch_size,
+        self.training_targets = [t.target for t in trainings]
+        # what the network reads: the normalised image, with the classifier's probabilities when it has one
+        self.sources: list[Any] = list(self.volumes)
+        self.source_norms: list[Any] = list(self.normalizations)
+        if head is not None:
+            self._fit_head()
+        self.sampler = MultiSampler([
+            PatchSampler(
+                source, norm, training.target, class_weights(training.counts(), tc.class_balance), patch_size,
                 self.foreground, foreground_fraction=tc.foreground_fraction, augmenter=augmenter,
-            ))
-        self.sampler = MultiSampler(samplers)
+            )
+            for source, norm, training in zip(self.sources, self.source_norms, trainings)
+        ])
         self.validator = self._validator()
 
+    def _fit_head(self) -> None:
+        """Fit the pixel classifier on every volume's training voxels; refresh the probability channels."""
+        head = self.head
+        assert head is not None
+        items = list(zip(self.volumes, self.normalizations, self.training_targets))
+        head.fit(*training_samples(head, items, seed=self.seed), seed=self.seed)
+        for i, (volume, norm) in enumerate(zip(self.volumes, self.normalizations)):
+            probabilities = probability_map(head, volume, norm)
+            if isinstance(self.sources[i], WithPrior):
+                self.sources[i].probabilities = probabilities  # the samplers and the validator read it
+            else:
+                self.sources[i], self.source_norms[i] = WithPrior(volume, norm, probabilities), AS_IS
+
     def _validator(self) -> Validator | None:
-        items = [(v, n, h) for v, n, h in zip(self.volumes, self.normalizations, self.held_out) if bool((h >= 0).any())]
+        items = [(v, n, h) for v, n, h in zip(self.sources, self.source_norms, self.held_out) if bool((h >= 0).any())]
         if not items:
             return None
         validator = Validator(
@@ -93,6 +124,9 @@ class TrainingData:
         training, held = split_validation(annotations, self.tc.validation, self.seed + index)
         self.annotations[index] = annotations
         self.held_out[index] = held
+        self.training_targets[index] = training.target
+        if self.head is not None:
+            self._fit_head()
         self.sampler.set_targets(training.target, class_weights(training.counts(), self.tc.class_balance), index)
         self.validator = self._validator()
 

@@ -248,7 +248,8 @@ def training_job(
     yield Phase("training")
     steps = trainer.steps(max_seconds=max_seconds, max_iterations=max_iterations)
     interval = preview_every
-    last_preview = time.perf_counter()
+    # the first preview follows the first step: with a pixel classifier it is already a segmentation
+    last_preview = -float("inf")
     try:
         for report in steps:
             if saver is not None:

@@ -28,7 +28,7 @@ def main() -> None:
     image[:, :64, :64] = np.random.default_rng(0).integers(0, 1000, (shape[0], 64, 64), dtype=np.uint16)
     cfg = Config.from_dict(
         {
-            "model": {"levels": 2, "base_features": 2},
+            "model": {"levels": 2, "base_features": 2, "pixel_classifier": False},
             "train": {"patch_size": [8, 32, 32], "precision": "fp32"},
             "predict": {"overlap": 0.25, "mirror_tta": False, "window": "patch", "tile_voxels": 2**18},
         }

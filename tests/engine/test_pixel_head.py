@@ -1,0 +1,160 @@
+"""The pixel classifier: filter bank, fit, its place in training, prediction and checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sparse3d.config import Config
+from napari_sparse3d.engine.features import _eigenvalues, block_boxes, filter_bank, grow, halo, scaled_sigmas
+from napari_sparse3d.engine.pixel_head import PixelClassifier, WithPrior, prior, probability_map, training_samples
+from napari_sparse3d.engine.prediction import predict_volume
+from napari_sparse3d.engine.preprocess import Normalization
+from napari_sparse3d.engine.trained import from_payload, to_payload
+from napari_sparse3d.engine.training import Trainer
+from napari_sparse3d.engine.volume import as_volume
+from napari_sparse3d.evaluation.metrics import annotated_slice_mask, mean_foreground_dice
+
+
+def _config(**model):
+    return Config.from_dict({
+        "model": {"levels": 2, "base_features": 4, **model},
+        "train": {"patch_size": [8, 16, 16], "batch_size": 2, "warmup_steps": 0, "precision": "fp32", "validation": 0.0},
+        "predict": {"mirror_tta": False},
+    })
+
+
+def test_closed_form_eigenvalues_match_linalg():
+    a = torch.randn(5000, 3, 3, dtype=torch.float64)
+    a = a + a.transpose(1, 2)
+    a[:10] = torch.diag_embed(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))  # repeated: p = 0
+    upper = {(i, j): a[:, i, j].float() for i in range(3) for j in range(i, 3)}
+    ours = torch.stack(_eigenvalues(upper), 1)
+    torch.testing.assert_close(ours, torch.linalg.eigvalsh(a).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_block_read_with_its_halo_has_the_responses_of_the_whole_volume():
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.normal(size=(1, 30, 70, 64)).astype(np.float32))
+    sigmas = scaled_sigmas((2.0, 1.0, 1.0))
+    assert sigmas[:, 0].max() < sigmas[:, 1].max()  # the coarse axis is smoothed less
+    whole = filter_bank(image, sigmas)
+    assert whole.shape == (20, 30, 70, 64) and torch.isfinite(whole).all()
+    box = (slice(5, 20), slice(10, 50), slice(30, 64))  # touches the volume's end in x
+    grown, inner = grow(box, halo(sigmas), image.shape[1:])
+    part = filter_bank(image[(slice(None), *grown)], sigmas)[(slice(None), *inner)]
+    torch.testing.assert_close(part, whole[(slice(None), *box)], atol=2e-4, rtol=1e-4)
+
+
+def test_block_boxes_tile_the_volume_once():
+    shape = (13, 100, 37)
+    covered = np.zeros(shape, int)
+    boxes = block_boxes(shape, 5000)
+    for box in boxes:
+        assert np.prod([b.stop - b.start for b in box]) <= 5000
+        covered[box] += 1
+    assert (covered == 1).all() and len(boxes) > 1
+
+
+def _blobs(seed=0, shape=(24, 48, 48)):
+    """Large bright blobs (class 1) with thin bright rims (class 2) on noise: texture and scale tell them apart."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(shape)
+    truth = np.zeros(shape, np.uint8)
+    for cz, cy, cx in [(8, 12, 12), (16, 34, 30), (12, 14, 36), (6, 36, 10)]:
+        r = np.sqrt(((zz - cz) * 1.0) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2)
+        truth[r < 7] = 2
+        truth[r < 5.5] = 1
+    image = np.where(truth == 1, 1.0, np.where(truth == 2, 2.0, 0.0)) + rng.normal(0, 0.3, shape)
+    return image.astype(np.float32), truth
+
+
+def test_the_classifier_learns_from_two_slices_in_a_few_hundred_steps():
+    image, truth = _blobs()
+    volume = as_volume(image)
+    norm = Normalization((0.0,), (1.0,), (0.0,), (1.0,))
+    target = np.full(truth.shape, -1, np.int64)
+    target[[8, 16]] = truth[[8, 16]]
+    head = PixelClassifier(1, 3)
+    uniform = prior(head, volume, norm, (slice(0, 24), slice(0, 48), slice(0, 48)))
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 3))  # not fitted yet
+    x, y = training_samples(head, [(volume, norm, target)], seed=0)
+    assert x.shape == (int((target >= 0).sum()), 20) and sorted(y.unique().tolist()) == [0, 1, 2]
+    head.fit(x, y, seed=0, steps=300)
+    probs = probability_map(head, volume, norm)
+    assert probs.dtype == np.float16 and probs.shape == (3, *truth.shape)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3)
+    unseen = np.ones(truth.shape, bool)
+    unseen[[8, 16]] = False
+    assert mean_foreground_dice(probs.argmax(0), truth, mask=unseen) > 0.8
+    # at most max_samples voxels are kept
+    x_small, _ = training_samples(head, [(volume, norm, target)], seed=0, max_samples=500)
+    assert 300 < x_small.shape[0] < 700
+
+
+def test_training_fits_the_classifier_on_training_voxels_only_and_feeds_its_probabilities(small_volume, monkeypatch):
+    image, labels, truth, slices = small_volume
+    seen = {}
+    real = PixelClassifier.fit
+
+    def spy(self, features, labels_, **kw):
+        seen["n"] = labels_.numel()
+        return real(self, features, labels_, **kw)
+
+    monkeypatch.setattr(PixelClassifier, "fit", spy)
+    config = _config().replace(train={"validation": 0.3})
+    trainer = Trainer.from_inputs(image, labels, slices, config=config, device="cpu", seed=0)
+    data = trainer.data
+    annotated = int((data.annotations[0].target >= 0).sum())
+    held = int((data.held_out[0] >= 0).sum())
+    assert held > 0 and seen["n"] == annotated - held  # the held-out voxels are not shown to the classifier
+    assert bool(trainer.model.pixel_head.fitted)
+    source = data.sources[0]
+    assert isinstance(source, WithPrior) and source.channels == 4
+    # what the network trains on: the image channel, then probabilities the augmentation leaves alone
+    x, _, _ = trainer.sampler.sample(4, np.random.default_rng(0))
+    probs = x[:, 1:]
+    assert x.shape[1] == 4 and probs.min() >= 0 and probs.max() <= 1
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=5e-3)
+
+
+def test_the_untrained_network_already_predicts_the_classifiers_segmentation(small_volume):
+    image, labels, truth, slices = small_volume
+    unseen = ~annotated_slice_mask(truth.shape, slices)
+    scores = {}
+    for flag in (True, False):
+        trainer = Trainer.from_inputs(image, labels, slices, config=_config(pixel_classifier=flag), device="cpu", seed=0)
+        model = trainer.snapshot()
+        predicted, _ = predict_volume(as_volume(image), model, device="cpu")
+        scores[flag] = mean_foreground_dice(predicted, truth, mask=unseen)
+    assert scores[True] > 0.9 > scores[False]
+
+
+def test_checkpoints_carry_the_classifier_and_older_ones_load_without_one(small_volume):
+    image, labels, truth, slices = small_volume
+    trainer = Trainer.from_inputs(image, labels, slices, config=_config(), device="cpu", seed=0)
+    list(trainer.steps(max_iterations=3))
+    payload = to_payload(trainer.model, where="memory", package_version="test")
+    loaded = from_payload(payload, where="memory")
+    assert bool(loaded.pixel_head.fitted)
+    a, pa = predict_volume(as_volume(image), trainer.model, device="cpu", keep_probabilities=True)
+    b, pb = predict_volume(as_volume(image), loaded, device="cpu", keep_probabilities=True)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(pa, pb, atol=1e-5)
+    # a network written before the classifier existed: no such key in its configuration, no such weights
+    old = Trainer.from_inputs(image, labels, slices, config=_config(pixel_classifier=False), device="cpu", seed=0)
+    list(old.steps(max_iterations=1))
+    payload = to_payload(old.model, where="memory", package_version="old")
+    import json
+
+    info = dict(payload["info"])
+    raw = json.loads(info["config"])
+    del raw["model"]["pixel_classifier"]
+    info["config"] = json.dumps(raw)
+    payload["info"] = info
+    model = from_payload(payload, where="old.pt")
+    assert model.pixel_head is None and model.prior_channels == 0
+    # a checkpoint whose classifier weights do not fit is refused with the file's name
+    payload = to_payload(trainer.model, where="memory", package_version="test")
+    payload["state_dict"]["pixel_head.w1"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="bad.pt"):
+        from_payload(payload, where="bad.pt")
