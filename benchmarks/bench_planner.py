@@ -14,7 +14,7 @@ Per volume and seed, with the same wall-clock training budget:
 
 * ``planned``: ``napari_sparse3d.run`` with the defaults (the planner chooses
   patch, batch and depth from the data; its choices are printed);
-* ``naive``: the default network in float32 on large cubic patches
+* ``naive``: the network alone (no pixel classifier) in float32 on large cubic patches
   (``patch_voxels=64**3``, no flattening, batch 2) — the "naive U-Net"
   that a planned recipe must not fall below;
 * ``fixed``: the defaults without the object-scale planning
@@ -50,7 +50,8 @@ from napari_sparse3d.engine.trained import model_info
 from napari_sparse3d.sample_data import make_organ, make_vessels
 
 RESULTS = HERE / "results"
-NAIVE = {"train": {"patch_voxels": 64**3, "flatten_patches": False, "batch_size": 2, "precision": "fp32"}}
+NAIVE = {"train": {"patch_voxels": 64**3, "flatten_patches": False, "batch_size": 2, "precision": "fp32"},
+         "model": {"pixel_classifier": False}}  # the network alone
 #: the recipe before the planner read the objects' scale (patches of patch_voxels, flattened where slices dominate)
 FIXED = {"train": {"plan_from_objects": False}}
 

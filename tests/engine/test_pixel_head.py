@@ -158,3 +158,12 @@ def test_checkpoints_carry_the_classifier_and_older_ones_load_without_one(small_
     payload["state_dict"]["pixel_head.w1"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="bad.pt"):
         from_payload(payload, where="bad.pt")
+
+
+def test_non_finite_features_are_refused_with_a_clear_error():
+    head = PixelClassifier(1, 2)
+    x = torch.zeros(10, 20)
+    x[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        head.fit(x, torch.zeros(10, dtype=torch.int64), seed=0)
+    assert not bool(head.fitted)

@@ -91,6 +91,9 @@ class PixelClassifier(nn.Module):
         if labels.numel() == 0:
             self.fitted.zero_()
             return
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("image: the annotated region holds NaN or infinite values; the pixel classifier cannot"
+                             " learn from it (replace them, e.g. with numpy.nan_to_num)")
         features, labels = features.to(device), labels.to(device)
         mean, std = features.mean(0), features.std(0) + 1e-6
         generator = torch.Generator().manual_seed(int(seed))
