@@ -33,6 +33,7 @@ ADVANCED = (
     ("model", "base_features"),
     ("model", "norm"),
     ("model", "deep_supervision"),
+    ("model", "pixel_classifier"),
     ("predict", "overlap"),
     ("predict", "mirror_tta"),
 )
