@@ -64,8 +64,12 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--budget", type=float, default=120.0)
     p.add_argument("--no-classifier", action="store_true", help="the network alone (model.pixel_classifier false)")
+    p.add_argument("--results", default="head_start", help="stem of the results files under results/ (.jsonl, .md)")
+    p.add_argument("--label", default="", help="appended to the variant's name (e.g. the code version measured)")
     args = p.parse_args()
-    variant = "unet" if args.no_classifier else "classifier+unet"
+    global RESULTS
+    RESULTS = le.RESULTS_DIR / f"{args.results}.jsonl"
+    variant = ("unet" if args.no_classifier else "classifier+unet") + (f" ({args.label})" if args.label else "")
     config = {"model": {"pixel_classifier": False}} if args.no_classifier else None
     done = {(r["variant"], r["task"], r["slices"], r["seed"], r["budget"]) for r in le.read_results(RESULTS)}
     image, instances, source = le.load_data()
@@ -82,10 +86,10 @@ def main() -> None:
                 le.append_result(RESULTS, r)
                 le.log(f"{variant} {task} n={n} seed={seed}: Dice {r['dice']:.4f} (classifier"
                        f" {r.get('classifier_dice', float('nan')):.4f}) it {r['iterations']} total {r['total_seconds']:.0f} s")
-    write_table(source)
+    write_table(source, args.results)
 
 
-def write_table(source: str) -> None:
+def write_table(source: str, stem: str = "head_start") -> None:
     forest = forest_dice()
     rows: dict[tuple, list[dict]] = {}
     for r in le.read_results(RESULTS):
@@ -114,7 +118,7 @@ def write_table(source: str) -> None:
                       f" {np.mean([r['total_seconds'] for r in rs]):.0f} |"
                       f" {sum(not r['finite'] for r in rs)} / {sum(r['skipped'] for r in rs)} |")
     text = "\n".join(lines) + "\n"
-    (le.RESULTS_DIR / "head_start.md").write_text(text)
+    (le.RESULTS_DIR / f"{stem}.md").write_text(text)
     print(text)
 
 

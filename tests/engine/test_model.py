@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from napari_sparse3d.config import ModelConfig
-from napari_sparse3d.engine.model import UNet3D, plan_levels
+from napari_sparse3d.engine.model import InstanceNorm3d, UNet3D, plan_levels
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,26 @@ def test_tiny_models_keep_odd_shapes(options, shape):
     model = UNet3D(2, 3, ModelConfig(levels=3, base_features=2, **options)).eval()
     x = torch.randn(1, 2 + model.prior_channels, *shape)
     assert model(x).shape == (1, 3, *shape)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_instance_norm_by_group_norm_is_torchs_instance_norm(layout):
+    torch.manual_seed(0)
+    ours, theirs = InstanceNorm3d(6, affine=True), torch.nn.InstanceNorm3d(6, affine=True)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())  # the same parameters: checkpoints are interchangeable
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = (3 * torch.randn(2, 6, 5, 7, 9) + 1).to(memory_format=layout)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ya)
+    ya.backward(grad), yb.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-5)
+    if layout is torch.channels_last_3d:  # no copy to the contiguous layout
+        assert ya.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_features_double_per_level_and_are_capped():

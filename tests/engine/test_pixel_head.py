@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_sparse3d.config import Config
-from napari_sparse3d.engine.features import _eigenvalues, block_boxes, filter_bank, grow, halo, scaled_sigmas
+from napari_sparse3d.engine.features import _eigenvalues, _smooth, block_boxes, filter_bank, grow, halo, scaled_sigmas
 from napari_sparse3d.engine.pixel_head import PixelClassifier, WithPrior, prior, probability_map, training_samples
 from napari_sparse3d.engine.prediction import predict_volume
 from napari_sparse3d.engine.preprocess import Normalization
@@ -30,6 +30,20 @@ def test_closed_form_eigenvalues_match_linalg():
     upper = {(i, j): a[:, i, j].float() for i in range(3) for j in range(i, 3)}
     ours = torch.stack(_eigenvalues(upper), 1)
     torch.testing.assert_close(ours, torch.linalg.eigvalsh(a).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_smoothing_is_scipys_gaussian_filter_with_nearest_borders():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    volume = rng.normal(size=(20, 40, 64)).astype(np.float32)
+    # (1, 2.5, 8): a short kernel (3D convolution) and two long ones (1D convolutions along a moved axis)
+    sigma = (1.0, 2.5, 8.0)  # radii 3, 8, 24: where scipy truncates the same way
+    ours = _smooth(torch.from_numpy(volume)[None], sigma)[0].numpy()
+    reference = ndimage.gaussian_filter(volume.astype(np.float64), sigma, mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    untouched = _smooth(torch.from_numpy(volume)[None], (0.1, 0.0, 0.2))[0].numpy()  # below 0.3 voxel: as it was
+    np.testing.assert_array_equal(untouched, volume)
 
 
 def test_a_block_read_with_its_halo_has_the_responses_of_the_whole_volume():

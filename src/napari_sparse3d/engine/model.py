@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from napari_sparse3d.config import ModelConfig
@@ -73,9 +74,23 @@ class Conv3d(nn.Conv3d):
         return super().forward(x)
 
 
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """Instance normalisation (affine, no running statistics), computed as a group norm of one channel per group.
+
+    The two are the same function with the same parameters (checkpoints are
+    interchangeable), but ``instance_norm`` copies a ``channels_last_3d`` input
+    to the contiguous layout and back, forward and backward, while
+    ``group_norm`` has kernels for both layouts: a training step on the CPU is
+    about 10% faster (``benchmarks/bench_step.py``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
-        return nn.InstanceNorm3d(channels, affine=True, eps=1e-5)
+        return InstanceNorm3d(channels, affine=True, eps=1e-5)
     if kind == "batch":
         return nn.BatchNorm3d(channels)
     return nn.Identity()
