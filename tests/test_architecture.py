@@ -20,7 +20,7 @@ import pytest
 
 PACKAGE = "napari_sparse3d"
 SOURCE = Path(__file__).parents[1] / "src" / PACKAGE
-PUBLIC = {"__init__", "api", "cli", "config", "project", "sample_data"}
+PUBLIC = {"__init__", "api", "cli", "config", "project", "sample_data", "distributed", "modelzoo"}
 LAYERS = ("engine", "io", "loop", "evaluation", "_napari")
 #: layer -> layers (and public modules) it may import
 ALLOWED = {

@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-import zarr
 
 from napari_sparse3d.cli import build_parser, main, parse_slices
+from napari_sparse3d.io.arrays import load_array
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_train_then_predict_round_trip(files, capsys):
     first = tifffile.imread(d / "out" / "image_labels.tif")
     assert first.shape == (20, 36, 28)
     assert tifffile.imread(d / "out" / "second_labels.tif").shape == (20, 36, 28)
-    np.testing.assert_array_equal(zarr.open_array(str(d / "outz" / "image_labels.zarr"), mode="r")[...], first)
+    np.testing.assert_array_equal(load_array(d / "outz" / "image_labels.zarr")[...], first)
     import napari_sparse3d
 
     np.testing.assert_array_equal(first, napari_sparse3d.predict(str(d / "image.tif"), str(d / "model.pt")))

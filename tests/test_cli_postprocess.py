@@ -7,6 +7,7 @@ from scipy import ndimage
 
 from napari_sparse3d.cli import main
 from napari_sparse3d.engine.postprocess import clean_labels, instances_from_prediction
+from napari_sparse3d.io.arrays import load_array
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def test_predict_writes_cleaned_labels_and_an_instance_array(setup, tmp_path, ca
     out = tmp_path / "out"
     assert main(["predict", str(model_path), str(image), "-o", str(out), "--format", "zarr", "--instances",
                  str(tmp_path / "out.zarr"), "--min-size", "10", "--device", "cpu", "--quiet"]) == 0
-    labels = zarr.open_array(str(out / "image_labels.zarr"), mode="r")[...]
+    labels = load_array(out / "image_labels.zarr")[...]
     np.testing.assert_array_equal(labels, clean_labels(raw, min_size=10))
     for value in (1, 2):
         sizes = np.bincount(ndimage.label(labels == value)[0].ravel())[1:]

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import zarr
 
 import napari_sparse3d
 from napari_sparse3d.cli import main
@@ -23,6 +22,7 @@ from napari_sparse3d.engine import resample
 from napari_sparse3d.engine.prediction import predict_volume
 from napari_sparse3d.engine.resample import ResampledVolume, grid_shape, model_grid, spacing_differs
 from napari_sparse3d.engine.volume import as_volume
+from napari_sparse3d.io.arrays import load_array
 
 CORE, RADIUS = 4.0, 7.0
 EXTENT = (48, 48, 48)  # physical size, in units of the training spacing
@@ -92,7 +92,7 @@ def test_out_zarr_probabilities_and_a_file_buffer_give_the_same_labels(model, tm
     image, _ = _render((2, 1, 1), seed=1)
     labels = napari_sparse3d.predict(image, model, spacing=(2, 1, 1), device="cpu")
     written = napari_sparse3d.predict(image, model, spacing=(2, 1, 1), device="cpu", out=tmp_path / "labels.zarr")
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[...], labels)
+    np.testing.assert_array_equal(load_array(tmp_path / "labels.zarr")[...], labels)
     assert written.shape == image.shape
     # model-grid probabilities in a memory-mapped temporary file instead of memory: the same result
     monkeypatch.setattr(resample, "BUFFER_BYTES", 0)

@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "RunResult", "__version__", "clean_labels", "instances_from_prediction", "predict", "run"]
+__all__ = [
+    "Config", "RunResult", "__version__", "clean_labels", "export", "instances_from_prediction", "predict", "run",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_sparse3d.api import RunResult, predict, run
     from napari_sparse3d.config import Config
     from napari_sparse3d.engine.postprocess import clean_labels, instances_from_prediction
+    from napari_sparse3d.modelzoo import export
 
 _LAZY = {
     "run": "api",
@@ -24,6 +27,7 @@ _LAZY = {
     "Config": "config",
     "clean_labels": "engine.postprocess",
     "instances_from_prediction": "engine.postprocess",
+    "export": "modelzoo",
 }
 
 

@@ -28,6 +28,7 @@ from napari_sparse3d.engine.training import Trainer, TrainReport
 from napari_sparse3d.engine.volume import TrainingInputs, VolumeLike, as_volume, check_budget, check_finite, check_spacing
 from napari_sparse3d.io.arrays import open_input
 from napari_sparse3d.io.checkpoint import as_model, save_checkpoint
+from napari_sparse3d.io.ome import check_pyramid
 from napari_sparse3d.io.outputs import PredictionOutput
 from napari_sparse3d.io.project import Project, is_project
 
@@ -297,6 +298,8 @@ def predict(
     device: str = "auto",
     progress: Progress | None = None,
     channel_axis: int | None = None,
+    pyramid: int = 0,
+    client: Any = None,
 ) -> Any:  # the labels: a numpy array, or ``out`` (zarr, numpy, ...)
     """Segment ``image`` with a trained model (fully automatic use).
 
@@ -321,15 +324,25 @@ def predict(
         chunks at a time (:mod:`napari_sparse3d.engine.resample`).
     out : zarr/numpy array or path, optional
         Written block by block as windows finish, so a large volume never has
-        to fit in memory; a path creates a zarr array there (written aside and
-        renamed into place when complete).  An existing path is refused unless
-        ``overwrite`` and it is an earlier zarr array; never the input itself.
+        to fit in memory; a path creates an OME-Zarr label image there (OME-NGFF
+        0.5: the labels in its array ``0``, ``spacing`` — or the model's — as its
+        scale; written aside and renamed into place when complete), which
+        :func:`~napari_sparse3d.io.arrays.load_array` and OME-Zarr viewers open.
+        An existing path is refused unless ``overwrite`` and it is an earlier
+        prediction; never the input itself.
         Until the last block is written the array is marked incomplete, and
-        :func:`~napari_sparse3d.data.load_array` refuses to read it.
+        :func:`~napari_sparse3d.io.arrays.load_array` refuses to read it.
     overwrite : bool
-        Replace an existing zarr array at ``out``.
+        Replace an earlier prediction at ``out``.
     device, progress, channel_axis
         As for :func:`run`.
+    pyramid : int
+        With an ``out`` path: this many coarser levels (2x per level along the
+        axes that are not already coarse; nearest, so labels stay labels).
+    client : dask.distributed.Client, optional
+        Predict on that cluster's workers, tile by tile, restartably
+        (:func:`napari_sparse3d.distributed.predict_distributed`); ``image`` and
+        ``out`` must then be paths the workers can reach.
 
     Returns
     -------
@@ -339,7 +352,16 @@ def predict(
     import warnings  # (local: this change touches predict only)
 
     _check_progress(progress)
+    if client is not None:
+        from napari_sparse3d.distributed import predict_distributed
+
+        return predict_distributed(
+            image, model_or_checkpoint, out, client=client, spacing=spacing, overwrite=overwrite, device=device,
+            channel_axis=channel_axis, progress=progress, pyramid=pyramid,
+        ).labels
     spacing = check_spacing(spacing)
+    if check_pyramid(pyramid) and not isinstance(out, (str, os.PathLike)):
+        raise ValueError(f"pyramid: coarser levels are written to an out path (an OME-Zarr image), but out is {out!r}")
     resolve_device(device)
     model = as_model(model_or_checkpoint, name="model_or_checkpoint")
     volume = as_volume(open_input(image, name="image"), channel_axis)
@@ -353,7 +375,9 @@ def predict(
             stacklevel=2,
         )
     inputs = [image, model_or_checkpoint]
-    target = PredictionOutput(out, volume.spatial_shape, info.class_values, overwrite=overwrite, inputs=inputs)
+    scale = spacing if spacing is not None else info.spacing  # the image's voxel size, as far as it is known
+    target = PredictionOutput(out, volume.spatial_shape, info.class_values, overwrite=overwrite, inputs=inputs,
+                              spacing=scale, pyramid=pyramid)
     try:
         labels, _ = predict_volume(volume, model, device=device, progress=progress, out=target.array, spacing=spacing)
     except BaseException:

@@ -17,6 +17,7 @@ from napari_sparse3d.engine.prediction import (
 from napari_sparse3d.engine.preprocess import Normalization
 from napari_sparse3d.engine.trained import ModelInfo
 from napari_sparse3d.engine.volume import as_volume
+from napari_sparse3d.io.arrays import load_array
 
 
 def _model(patch=(8, 16, 16), classes=(0, 1, 5), overlap=0.5, precision="fp32", **predict):
@@ -225,6 +226,6 @@ def test_peak_memory_does_not_grow_with_the_yx_extent(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         growth[name] = float(done.stdout.split()[-1])
-        written = zarr.open_array(str(folder / "labels.zarr"), mode="r")
+        written = load_array(folder / "labels.zarr")
         assert written.shape == shape and set(np.unique(written[:, ::64, ::64])) <= {0, 1}
     assert growth["wide"] - growth["small"] < 40, growth

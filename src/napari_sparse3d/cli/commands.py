@@ -200,9 +200,12 @@ def _postprocess(args: argparse.Namespace, labels: Any, info: Any, boundary: int
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from napari_sparse3d.api import predict
     from napari_sparse3d.io.arrays import save_array
     from napari_sparse3d.io.checkpoint import load_checkpoint
+    from napari_sparse3d.io.outputs import save_labels
 
     model = load_checkpoint(args.model)
     out_dir = Path(args.output_dir)
@@ -213,19 +216,63 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     boundary = _check_postprocess(args, model.sparse3d.class_values, targets, inputs)
     post = bool(args.min_size or args.keep_largest or args.instances)  # needs the whole volume (not zarr block by block)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.workers is not None or args.scheduler is not None:
+        return _predict_on_cluster(args, model, targets, post)
     for image, target in zip(args.images, targets):
         progress = _Progress(args.quiet)
         if args.format == "zarr" and not post:
             predict(image, model, out=str(target), overwrite=args.overwrite, device=args.device, progress=progress,
-                    channel_axis=args.channel_axis, spacing=args.spacing)
+                    channel_axis=args.channel_axis, spacing=args.spacing, pyramid=args.pyramid)
         else:
             labels = predict(image, model, device=args.device, progress=progress, channel_axis=args.channel_axis,
                              spacing=args.spacing)
             if post:
                 labels = _postprocess(args, labels, model.sparse3d, boundary, inputs)
-            save_array(target, labels, overwrite=args.overwrite, inputs=inputs)
+            if args.format == "zarr":  # an OME-Zarr label image, as predict writes it
+                save_labels(target, np.asarray(labels), model.sparse3d.class_values, overwrite=args.overwrite,
+                            inputs=inputs, spacing=args.spacing or model.sparse3d.spacing, pyramid=args.pyramid)
+            else:
+                save_array(target, labels, overwrite=args.overwrite, inputs=inputs)
         progress.close()
         print(f"{image} -> {target}")
+    return 0
+
+
+def _cluster_client(args: argparse.Namespace) -> Any:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("--workers/--scheduler need dask.distributed: pip install 'napari-sparse3d[cluster]'") from None
+    if args.scheduler is not None:
+        return Client(args.scheduler)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return Client(cluster)
+
+
+def _predict_on_cluster(args: argparse.Namespace, model: Any, targets: Sequence[Path], post: bool) -> int:
+    from napari_sparse3d.distributed import predict_distributed
+
+    if args.format != "zarr" or post:
+        raise ValueError("--workers/--scheduler write OME-Zarr block by block: use --format zarr, without"
+                         " --min-size/--keep-largest/--instances (post-process the result afterwards)")
+    client = _cluster_client(args)
+    try:
+        for image, target in zip(args.images, targets):
+            progress = _Progress(args.quiet)
+            result = predict_distributed(image, model, target, client=client, spacing=args.spacing,
+                                         overwrite=args.overwrite, channel_axis=args.channel_axis, progress=progress,
+                                         pyramid=args.pyramid)
+            progress.close()
+            resumed = f" ({result.skipped} tiles finished by an earlier run)" if result.skipped else ""
+            print(f"{image} -> {target}: {result.computed} of {result.tiles} tiles on"
+                  f" {len(client.scheduler_info().get('workers', {}))} workers in {result.seconds:.0f} s{resumed}")
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and args.scheduler is None:
+            cluster.close()
     return 0
 
 
@@ -294,6 +341,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from napari_sparse3d.modelzoo import export
+
+    written = export(args.model, args.package, image=args.image, name=args.name, license=args.license,
+                     authors=args.author or ("napari-sparse3d user",), overwrite=args.overwrite)
+    print(f"{args.model} -> {written}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -303,9 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             volume_slices(args.slices, len(args.inputs))
         else:
             parse_slices(getattr(args, "slices", None))
-        handler = {"train": _cmd_train, "predict": _cmd_predict, "run": _cmd_run, "project": _cmd_project}[args.command]
+        handler = {"train": _cmd_train, "predict": _cmd_predict, "run": _cmd_run, "project": _cmd_project,
+                   "export": _cmd_export}[args.command]
         return handler(args)
-    except (argparse.ArgumentTypeError, ValueError, TypeError, OSError) as exc:
+    except (argparse.ArgumentTypeError, ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
         parser.exit(2, f"napari-sparse3d {args.command}: error: {exc}\n")
     return 1
 

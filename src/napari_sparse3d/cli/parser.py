@@ -95,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", help="volumes to segment")
     pred.add_argument("--output-dir", "-o", required=True, help="folder for <name>_labels.<format>")
     pred.add_argument(
-        "--format", choices=["tif", "npy", "zarr"], default="tif", help="output format (zarr is written block by block)"
+        "--format", choices=["tif", "npy", "zarr"], default="tif",
+        help="output format (zarr: an OME-Zarr label image with the spacing as its scale, written block by block)",
     )
+    pred.add_argument("--pyramid", type=int, default=0, metavar="N",
+                      help="with --format zarr: N coarser levels (2x per level; nearest) for viewers")
+    cluster = pred.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="predict on a local dask cluster of N worker processes (one thread each); needs --format zarr"
+                         " and the 'cluster' extra; an interrupted run started again resumes")
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="predict on an existing dask.distributed cluster (e.g. tcp://host:8786, started by"
+                         " dask-jobqueue on SLURM/LSF); input and output paths must be reachable from its workers")
     pred.add_argument(
         "--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
         help="voxel size of the images; where it differs from the model's training spacing by more than 5%%, the "
@@ -130,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     proj.add_argument("--reference", action="store_true", help="keep the image file where it is (stored: its path and "
                       "content hash) instead of copying it into the project")
     proj.add_argument("--overwrite", action="store_true", help="replace an earlier project at PATH (never another folder)")
+
+    exp = sub.add_parser("export", help="write a trained model as a bioimage.io model package (a .zip; needs the"
+                         " 'bioimageio' extra)")
+    exp.add_argument("model", help="checkpoint written by train or run")
+    exp.add_argument("package", help="the package to write (.zip)")
+    exp.add_argument("--image", help="a volume to cut the test tensors and the cover from (default: drawn from the"
+                     " training statistics)")
+    exp.add_argument("--name", help="the model's name in the package")
+    exp.add_argument("--author", action="append", help="an author's name (repeatable)")
+    exp.add_argument("--license", default="CC-BY-4.0", help="SPDX licence identifier of the weights (default CC-BY-4.0)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an earlier package at PACKAGE")
     return parser
 
 

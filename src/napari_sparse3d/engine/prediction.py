@@ -45,14 +45,16 @@ from napari_sparse3d.config import PredictConfig
 from napari_sparse3d.engine.devices import autocast, resolve_device, resolve_precision
 from napari_sparse3d.engine.model import UNet3D
 from napari_sparse3d.engine.pixel_head import prior
-from napari_sparse3d.engine.preprocess import Normalization, plan_window, round_up
+from napari_sparse3d.engine.preprocess import Normalization, plan_window
 from napari_sparse3d.engine.resample import ResampledVolume, labels_on_grid, model_grid, probability_buffer
+from napari_sparse3d.engine.tiling import WindowGrid, gaussian_importance, plan_tiles, window_starts
 from napari_sparse3d.engine.trained import ModelInfo, model_info, require_trained
 from napari_sparse3d.engine.volume import Box, VolumeLike, box3, check_finite, int3
 
 __all__ = [
     "Block",
     "PredictReport",
+    "TilePredictor",
     "WindowGrid",
     "context_box",
     "gaussian_importance",
@@ -86,89 +88,6 @@ class PredictReport:
         return self.windows_done / max(self.windows_total, 1)
 
 
-def window_starts(size: int, window: int, overlap: float) -> list[int]:
-    """Start positions of windows of ``window`` voxels along an axis of ``size``, evenly spread."""
-    if size <= window:
-        return [0]
-    step = max(1.0, window * (1.0 - overlap))
-    count = int(np.ceil((size - window) / step)) + 1
-    return sorted({int(round(v)) for v in np.linspace(0, size - window, count)})
-
-
-def _gaussian_1d(width: int, sigma_fraction: float) -> np.ndarray:
-    x = np.arange(width, dtype=np.float64) - (width - 1) / 2
-    g = np.exp(-0.5 * (x / max(width * sigma_fraction, 1e-3)) ** 2)
-    return np.maximum(g / g.max(), 1e-4)
-
-
-def gaussian_importance(window: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
-    """A separable Gaussian over the window, 1 at its centre, never 0 (so every voxel has some weight)."""
-    gz, gy, gx = (_gaussian_1d(int(w), sigma_fraction) for w in window)
-    return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
-
-
-def plan_tiles(
-    shape: Sequence[int],
-    window: Sequence[int],
-    tile_voxels: int,
-    chunks: Sequence[int] | None = None,
-) -> list[Box]:
-    """Output tiles: whole chunks of ``chunks`` (when given), about ``tile_voxels`` at most, covering ``shape``.
-
-    A volume within the budget is one tile.  Otherwise a tile grows from one
-    chunk, doubling the axis that is shortest relative to the window (long
-    tiles would recompute more straddling windows), while it stays within the
-    budget; it is never smaller than one chunk.
-    """
-    shape = tuple(int(s) for s in shape)
-    if int(np.prod(shape)) <= tile_voxels:
-        return [box3(slice(0, s) for s in shape)]
-    unit = [min(int(c), s) for c, s in zip(chunks or (1, 1, 1), shape)]
-    full = [round_up(s, u) for s, u in zip(shape, unit)]
-    tile = list(unit)
-    while True:
-        growable = [a for a in range(3) if tile[a] < full[a]]
-        growable = [a for a in growable if np.prod(tile) // tile[a] * min(2 * tile[a], full[a]) <= tile_voxels]
-        if not growable:
-            break
-        a = min(growable, key=lambda i: tile[i] / max(int(window[i]), 1))
-        tile[a] = min(2 * tile[a], full[a])
-    starts = [range(0, s, t) for s, t in zip(shape, tile)]
-    return [
-        box3(slice(o, min(o + t, s)) for o, t, s in zip(origin, tile, shape))
-        for origin in itertools.product(*starts)
-    ]
-
-
-class WindowGrid:
-    """The global window grid, and the Gaussian weights it lays on each axis."""
-
-    def __init__(self, shape: Sequence[int], window: Sequence[int], overlap: float, sigma: float) -> None:
-        self.shape = tuple(int(s) for s in shape)
-        self.window = tuple(int(w) for w in window)
-        self.starts = [np.asarray(window_starts(s, w, overlap)) for s, w in zip(self.shape, self.window)]
-        self.gauss = [_gaussian_1d(w, sigma) for w in self.window]
-        # per axis, the sum of the 1D Gaussians of all windows at each voxel: their product is the
-        # weight sum under every voxel, since the windows form a product grid
-        self.weight_sum = []
-        for starts, g, s in zip(self.starts, self.gauss, self.shape):
-            total = np.zeros(max(s, int(starts[-1]) + len(g)))
-            for a in starts:
-                total[a : a + len(g)] += g
-            self.weight_sum.append(total[:s])
-
-    def windows_touching(self, box: Box) -> list[tuple[int, int, int]]:
-        """Start positions (z, y, x) of the windows that overlap ``box``."""
-        per_axis = [
-            [int(a) for a in starts if a < b.stop and a + w > b.start]
-            for starts, b, w in zip(self.starts, box, self.window)
-        ]
-        return list(itertools.product(*per_axis))
-
-    def count(self) -> int:
-        return int(np.prod([len(s) for s in self.starts]))
-
-
 def _forward(model: torch.nn.Module, batch: torch.Tensor, mirror: bool) -> torch.Tensor:
     """Softmax probabilities, averaged over the 8 mirrorings when ``mirror``."""
     probs = torch.softmax(model(batch).float(), dim=1)
@@ -192,6 +111,97 @@ def resolve_window(info: ModelInfo, model: torch.nn.Module, shape: Sequence[int]
     if bad:
         raise ValueError(f"config.predict.window {window} must be a multiple of the network's stride {divisor} per axis")
     return window
+
+
+def _check_channels(volume: VolumeLike, info: ModelInfo) -> None:
+    if volume.channels != info.in_channels:
+        raise ValueError(f"image has {volume.channels} channels, but the model was trained on {info.in_channels}")
+
+
+class TilePredictor:
+    """What every tile of one volume's prediction shares, set up once: the model on its device, windows, weights.
+
+    :func:`predict_blocks` runs it over the tiles in one process; a worker of a
+    cluster (:mod:`napari_sparse3d.distributed`) builds one per volume and runs
+    the tiles it is given.  Arguments as for :func:`predict_blocks`; the
+    normalisation is required here, computed once for the whole volume.
+    """
+
+    def __init__(
+        self, volume: VolumeLike, model: UNet3D, *, device: str, config: PredictConfig | None, normalization: Normalization
+    ) -> None:
+        model = require_trained(model)
+        info = model_info(model)
+        self.config = config = config or info.config.predict
+        _check_channels(volume, info)
+        self.volume, self.norm = volume, normalization
+        self.device = dev = resolve_device(device)
+        self.dtype = resolve_precision(dev, info.config.train.precision)
+        self.channels_last = info.config.train.channels_last
+        # the weights in the batch's memory format: a loaded checkpoint is contiguous, and oneDNN would
+        # otherwise reorder them at every call (measured: slower than plain contiguous tensors)
+        memory_format = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        self.model = model.to(dev, memory_format=memory_format).eval()
+        self.shape = volume.spatial_shape
+        self.window = resolve_window(info, model, self.shape, config)
+        self.grid = WindowGrid(self.shape, self.window, config.overlap, config.gaussian_sigma)
+        self.gauss = torch.from_numpy(gaussian_importance(self.window, config.gaussian_sigma)).to(dev)
+        self.class_values = np.asarray(info.class_values)
+        self.labels_dtype = np.min_scalar_type(max(int(self.class_values.max()), 1))
+
+    def tiles(self, chunks: Sequence[int] | None = None) -> list[Box]:
+        return plan_tiles(self.shape, self.window, self.config.tile_voxels, chunks)
+
+    def _input(self, starts: Sequence[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:
+        """The input under ``starts``' windows, read and normalised once; zeros (the mean) outside the volume."""
+        volume, window, shape = self.volume, self.window, self.shape
+        lo = [min(s[a] for s in starts) for a in range(3)]
+        hi = [max(s[a] for s in starts) + window[a] for a in range(3)]
+        inside = tuple(slice(low, min(high, n)) for low, high, n in zip(lo, hi, shape))
+        block = volume.read(inside)
+        check_finite("image", block)
+        block = self.norm.apply(block)
+        prior_channels = self.model.prior_channels
+        image = torch.zeros((volume.channels + prior_channels, *(high - low for low, high in zip(lo, hi))), dtype=torch.float32)
+        within = tuple(slice(0, s.stop - s.start) for s in inside)
+        image[(slice(None, volume.channels), *within)] = torch.from_numpy(block)
+        del block
+        if prior_channels:  # the pixel classifier's probabilities, computed with their own margin; 0 outside
+            image[(slice(volume.channels, None), *within)] = prior(self.model.pixel_head, volume, self.norm, inside).float().cpu()
+        return image.to(self.device), lo
+
+    def predict(self, tile: Box, on_batch: Callable[[int], Any] | None = None) -> Block:
+        """The finished :class:`Block` of ``tile``; ``on_batch(windows)`` after every batch of windows."""
+        config, window, dev = self.config, self.window, self.device
+        starts = self.grid.windows_touching(tile)
+        image, lo = self._input(starts)
+        tile_shape = tuple(t.stop - t.start for t in tile)
+        acc = torch.zeros((len(self.class_values),) + tile_shape, dtype=torch.float32, device=dev)
+        for first in range(0, len(starts), config.batch_size):
+            chunk = starts[first : first + config.batch_size]
+            crops = [image[(slice(None), *(slice(a - low, a - low + w) for a, low, w in zip(s, lo, window)))] for s in chunk]
+            batch = torch.stack(crops)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            with torch.inference_mode(), autocast(dev, self.dtype):
+                probs = _forward(self.model, batch, config.mirror_tta)
+            with torch.inference_mode():
+                for s, p in zip(chunk, probs):
+                    # the part of the window inside the tile, in window and in tile coordinates
+                    a0 = [max(a, t.start) for a, t in zip(s, tile)]
+                    a1 = [min(a + w, t.stop) for a, w, t in zip(s, window, tile)]
+                    win = tuple(slice(x0 - a, x1 - a) for x0, x1, a in zip(a0, a1, s))
+                    loc = tuple(slice(x0 - t.start, x1 - t.start) for x0, x1, t in zip(a0, a1, tile))
+                    acc[(slice(None),) + loc] += p[(slice(None),) + win] * self.gauss[win]
+            if on_batch is not None:
+                on_batch(len(chunk))
+        del image
+        wz, wy, wx = (torch.from_numpy(ws[t].astype(np.float32)).to(dev) for ws, t in zip(self.grid.weight_sum, tile))
+        acc /= wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+        labels = torch.argmax(acc, dim=0).cpu().numpy()
+        probabilities = acc.cpu().numpy()
+        del acc
+        return Block(tile, probabilities, self.class_values[labels].astype(self.labels_dtype))
 
 
 def predict_blocks(
@@ -227,75 +237,25 @@ def predict_blocks(
         (in "image" mode the volume's own statistics, computed here, once).
     """
     model = require_trained(model)
-    info = model_info(model)
-    config = config or info.config.predict
-    if volume.channels != info.in_channels:
-        raise ValueError(f"image has {volume.channels} channels, but the model was trained on {info.in_channels}")
-    norm = normalization if normalization is not None else info.normalization.for_volume(volume)
-    dev = resolve_device(device)
-    dtype = resolve_precision(dev, info.config.train.precision)
-    channels_last = info.config.train.channels_last
-    # the weights in the batch's memory format: a loaded checkpoint is contiguous, and oneDNN would
-    # otherwise reorder them at every call (measured: slower than plain contiguous tensors)
-    model = model.to(dev, memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format).eval()
-    shape = volume.spatial_shape
-    window = resolve_window(info, model, shape, config)
-    grid = WindowGrid(shape, window, config.overlap, config.gaussian_sigma)
-    gauss = torch.from_numpy(gaussian_importance(window, config.gaussian_sigma)).to(dev)
-    class_values = np.asarray(info.class_values)
-    labels_dtype = np.min_scalar_type(max(int(class_values.max()), 1))
-    tiles = plan_tiles(shape, window, config.tile_voxels, chunks)
+    _check_channels(volume, model_info(model))
+    norm = normalization if normalization is not None else model_info(model).normalization.for_volume(volume)
+    predictor = TilePredictor(volume, model, device=device, config=config, normalization=norm)
+    tiles = predictor.tiles(chunks)
     if priority is not None:
         point = np.asarray(priority, dtype=float)
         tiles.sort(key=lambda t: float(np.sum((np.array([(r.start + r.stop) / 2 for r in t]) - point) ** 2)))
-    plans = [grid.windows_touching(t) for t in tiles]
-    prior_channels = model.prior_channels
-    total = sum(len(p) for p in plans)
+    total = sum(len(predictor.grid.windows_touching(t)) for t in tiles)
     start = time.perf_counter()
     done = 0
-    for tile, starts in zip(tiles, plans):
-        # the input under the tile's windows, read and normalised once; zeros (the mean) outside the volume
-        lo = [min(s[a] for s in starts) for a in range(3)]
-        hi = [max(s[a] for s in starts) + window[a] for a in range(3)]
-        inside = tuple(slice(low, min(high, n)) for low, high, n in zip(lo, hi, shape))
-        block = volume.read(inside)
-        check_finite("image", block)
-        block = norm.apply(block)
-        image = torch.zeros((volume.channels + prior_channels, *(high - low for low, high in zip(lo, hi))), dtype=torch.float32)
-        within = tuple(slice(0, s.stop - s.start) for s in inside)
-        image[(slice(None, volume.channels), *within)] = torch.from_numpy(block)
-        del block
-        if prior_channels:  # the pixel classifier's probabilities, computed with their own margin; 0 outside
-            image[(slice(volume.channels, None), *within)] = prior(model.pixel_head, volume, norm, inside).float().cpu()
-        image = image.to(dev)
-        tile_shape = tuple(t.stop - t.start for t in tile)
-        acc = torch.zeros((len(class_values),) + tile_shape, dtype=torch.float32, device=dev)
-        for first in range(0, len(starts), config.batch_size):
-            chunk = starts[first : first + config.batch_size]
-            crops = [image[(slice(None), *(slice(a - low, a - low + w) for a, low, w in zip(s, lo, window)))] for s in chunk]
-            batch = torch.stack(crops)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            with torch.inference_mode(), autocast(dev, dtype):
-                probs = _forward(model, batch, config.mirror_tta)
-            with torch.inference_mode():
-                for s, p in zip(chunk, probs):
-                    # the part of the window inside the tile, in window and in tile coordinates
-                    a0 = [max(a, t.start) for a, t in zip(s, tile)]
-                    a1 = [min(a + w, t.stop) for a, w, t in zip(s, window, tile)]
-                    win = tuple(slice(x0 - a, x1 - a) for x0, x1, a in zip(a0, a1, s))
-                    loc = tuple(slice(x0 - t.start, x1 - t.start) for x0, x1, t in zip(a0, a1, tile))
-                    acc[(slice(None),) + loc] += p[(slice(None),) + win] * gauss[win]
-            done += len(chunk)
-            if progress is not None:
-                progress(PredictReport(done, total, time.perf_counter() - start))
-        del image
-        wz, wy, wx = (torch.from_numpy(ws[t].astype(np.float32)).to(dev) for ws, t in zip(grid.weight_sum, tile))
-        acc /= wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
-        labels = torch.argmax(acc, dim=0).cpu().numpy()
-        probabilities = acc.cpu().numpy()
-        del acc
-        yield Block(tile, probabilities, class_values[labels].astype(labels_dtype))
+
+    def batch_done(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(PredictReport(done, total, time.perf_counter() - start))
+
+    for tile in tiles:
+        yield predictor.predict(tile, batch_done)
 
 
 class _Crop:

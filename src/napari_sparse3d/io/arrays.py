@@ -34,7 +34,11 @@ ARRAY_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 
 
 def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
-    """Open a tif, npy or zarr file; zarr and npy stay on disk (lazy or memory-mapped)."""
+    """Open a tif, npy or zarr file; zarr and npy stay on disk (lazy or memory-mapped).
+
+    A zarr path may be an array, a group holding one array, or an OME-Zarr image
+    (its full-resolution level is opened).
+    """
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{name}: file {str(p)!r} does not exist")
@@ -49,6 +53,11 @@ def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
         node = zarr.open(str(p), mode="r")
         if isinstance(node, zarr.Array):
             return _complete(node, p, name)
+        from napari_sparse3d.io.ome import level0
+
+        full = level0(node)  # an OME-Zarr image (a prediction of ours among them): its full resolution
+        if full is not None:
+            return _complete(full, p, name)
         arrays = list(node.array_keys())
         if len(arrays) == 1:
             return _complete(node[arrays[0]], p, name)

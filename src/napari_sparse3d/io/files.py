@@ -154,9 +154,14 @@ def is_zarr_array(path: str | os.PathLike) -> bool:
 
 
 def same_kind(path: Path) -> bool:
-    """What an output named ``path`` may replace: a zarr array for ``.zarr``, else a file of its suffix."""
+    """What an output named ``path`` may replace: a file of its suffix, or (``.zarr``) an earlier prediction.
+
+    An earlier prediction is a zarr array or an OME-Zarr label image of ours.
+    """
     if path.suffix.lower() == ".zarr":
-        return is_zarr_array(path)
+        from napari_sparse3d.io.ome import is_label_image
+
+        return is_zarr_array(path) or is_label_image(path)
     return path.is_file() and not path.is_symlink()
 
 

@@ -20,8 +20,14 @@ import zarr
 
 from napari_sparse3d.io.arrays import OUTPUT_ATTRIBUTE, chunks_for
 from napari_sparse3d.io.files import aside_path, check_output_path, is_zarr_array, replace_with
+from napari_sparse3d.io.ome import add_pyramid, create_label_image, is_label_image
 
-__all__ = ["PredictionOutput"]
+__all__ = ["PredictionOutput", "save_labels"]
+
+
+def replaceable(path: Path) -> bool:
+    """What a prediction may overwrite: an earlier one (an OME-Zarr label image of ours, or a bare zarr array)."""
+    return is_label_image(path) or is_zarr_array(path)
 
 
 class PredictionOutput:
@@ -31,21 +37,30 @@ class PredictionOutput:
     """
 
     def __init__(
-        self, out: Any, shape: tuple[int, ...], class_values: Sequence[int], *, overwrite: bool, inputs: Sequence[Any]
+        self,
+        out: Any,
+        shape: tuple[int, ...],
+        class_values: Sequence[int],
+        *,
+        overwrite: bool,
+        inputs: Sequence[Any],
+        spacing: Sequence[float] | None = None,
+        pyramid: int = 0,
     ) -> None:
         self.final: Path | None = None  # a path asked for: the aside copy is renamed here at the end
         self.tmp: Path | None = None
         self.array: Any = None
+        self.spacing, self.pyramid = spacing, int(pyramid)
         if out is None:
             return
         if isinstance(out, (str, os.PathLike)):
             self.final = check_output_path(
-                out, name="out", overwrite=overwrite, inputs=inputs, is_replaceable=is_zarr_array, what="zarr prediction"
+                out, name="out", overwrite=overwrite, inputs=inputs, is_replaceable=replaceable, what="zarr prediction"
             )
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = aside_path(self.final)
             dtype = np.min_scalar_type(max(max(class_values), 1))
-            self.array = zarr.create_array(str(self.tmp), shape=shape, dtype=dtype, chunks=chunks_for(shape))
+            self.array = create_label_image(self.tmp, shape, dtype, chunks_for(shape), spacing)
             self.array.attrs[OUTPUT_ATTRIBUTE] = {"complete": False}
             return
         if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
@@ -67,14 +82,32 @@ class PredictionOutput:
                 pass
 
     def finish(self) -> Any:
-        """Mark the array complete; a path's array is renamed into place and returned reopened."""
-        self._mark(True)
+        """Mark the array complete; a path's image gets its pyramid, is renamed into place, and its labels are returned."""
         if self.final is None or self.tmp is None:
+            self._mark(True)
             return self.array
+        if self.pyramid:
+            add_pyramid(zarr.open_group(str(self.tmp), mode="r+"), self.pyramid, self.spacing)
+        self._mark(True)
         replace_with(self.tmp, self.final)
-        return zarr.open_array(str(self.final), mode="r+")
+        return zarr.open_group(str(self.final), mode="r+")["0"]
 
     def abandon(self) -> None:
         """After an error (not a kill): remove the aside copy; a caller's array stays marked incomplete."""
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def save_labels(
+    path: str | os.PathLike, labels: np.ndarray, class_values: Sequence[int], *, spacing: Sequence[float] | None,
+    overwrite: bool, inputs: Sequence[Any], pyramid: int = 0,
+) -> Any:
+    """Write finished labels (e.g. after post-processing) to ``path`` as an OME-Zarr label image, like a prediction."""
+    target = PredictionOutput(path, tuple(labels.shape), list(class_values) + [int(np.max(labels, initial=0))],
+                              overwrite=overwrite, inputs=inputs, spacing=spacing, pyramid=pyramid)
+    try:
+        target.array[...] = labels
+    except BaseException:
+        target.abandon()
+        raise
+    return target.finish()

@@ -1,0 +1,101 @@
+"""The geometry of sliding-window prediction: window starts, Gaussian weights, the global window grid, output tiles.
+
+See :mod:`napari_sparse3d.engine.prediction` for how they are used; kept apart so
+that a worker of a cluster (:mod:`napari_sparse3d.distributed`) and the
+single-process path plan the same windows and tiles from the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+from napari_sparse3d.engine.preprocess import round_up
+from napari_sparse3d.engine.volume import Box, box3
+
+__all__ = ["WindowGrid", "gaussian_importance", "plan_tiles", "window_starts"]
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Start positions of windows of ``window`` voxels along an axis of ``size``, evenly spread."""
+    if size <= window:
+        return [0]
+    step = max(1.0, window * (1.0 - overlap))
+    count = int(np.ceil((size - window) / step)) + 1
+    return sorted({int(round(v)) for v in np.linspace(0, size - window, count)})
+
+
+def _gaussian_1d(width: int, sigma_fraction: float) -> np.ndarray:
+    x = np.arange(width, dtype=np.float64) - (width - 1) / 2
+    g = np.exp(-0.5 * (x / max(width * sigma_fraction, 1e-3)) ** 2)
+    return np.maximum(g / g.max(), 1e-4)
+
+
+def gaussian_importance(window: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
+    """A separable Gaussian over the window, 1 at its centre, never 0 (so every voxel has some weight)."""
+    gz, gy, gx = (_gaussian_1d(int(w), sigma_fraction) for w in window)
+    return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
+
+
+def plan_tiles(
+    shape: Sequence[int],
+    window: Sequence[int],
+    tile_voxels: int,
+    chunks: Sequence[int] | None = None,
+) -> list[Box]:
+    """Output tiles: whole chunks of ``chunks`` (when given), about ``tile_voxels`` at most, covering ``shape``.
+
+    A volume within the budget is one tile.  Otherwise a tile grows from one
+    chunk, doubling the axis that is shortest relative to the window (long
+    tiles would recompute more straddling windows), while it stays within the
+    budget; it is never smaller than one chunk.
+    """
+    shape = tuple(int(s) for s in shape)
+    if int(np.prod(shape)) <= tile_voxels:
+        return [box3(slice(0, s) for s in shape)]
+    unit = [min(int(c), s) for c, s in zip(chunks or (1, 1, 1), shape)]
+    full = [round_up(s, u) for s, u in zip(shape, unit)]
+    tile = list(unit)
+    while True:
+        growable = [a for a in range(3) if tile[a] < full[a]]
+        growable = [a for a in growable if np.prod(tile) // tile[a] * min(2 * tile[a], full[a]) <= tile_voxels]
+        if not growable:
+            break
+        a = min(growable, key=lambda i: tile[i] / max(int(window[i]), 1))
+        tile[a] = min(2 * tile[a], full[a])
+    starts = [range(0, s, t) for s, t in zip(shape, tile)]
+    return [
+        box3(slice(o, min(o + t, s)) for o, t, s in zip(origin, tile, shape))
+        for origin in itertools.product(*starts)
+    ]
+
+
+class WindowGrid:
+    """The global window grid, and the Gaussian weights it lays on each axis."""
+
+    def __init__(self, shape: Sequence[int], window: Sequence[int], overlap: float, sigma: float) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.window = tuple(int(w) for w in window)
+        self.starts = [np.asarray(window_starts(s, w, overlap)) for s, w in zip(self.shape, self.window)]
+        self.gauss = [_gaussian_1d(w, sigma) for w in self.window]
+        # per axis, the sum of the 1D Gaussians of all windows at each voxel: their product is the
+        # weight sum under every voxel, since the windows form a product grid
+        self.weight_sum = []
+        for starts, g, s in zip(self.starts, self.gauss, self.shape):
+            total = np.zeros(max(s, int(starts[-1]) + len(g)))
+            for a in starts:
+                total[a : a + len(g)] += g
+            self.weight_sum.append(total[:s])
+
+    def windows_touching(self, box: Box) -> list[tuple[int, int, int]]:
+        """Start positions (z, y, x) of the windows that overlap ``box``."""
+        per_axis = [
+            [int(a) for a in starts if a < b.stop and a + w > b.start]
+            for starts, b, w in zip(self.starts, box, self.window)
+        ]
+        return list(itertools.product(*per_axis))
+
+    def count(self) -> int:
+        return int(np.prod([len(s) for s in self.starts]))
