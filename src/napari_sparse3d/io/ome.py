@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-__all__ = ["add_pyramid", "check_pyramid", "create_label_image", "is_label_image", "level0", "multiscales", "pyramid_factors"]
+__all__ = [
+    "add_pyramid", "check_pyramid", "create_label_image", "is_label_image",
+    "level0", "multiscales", "pyramid_factors", "read_levels",
+]
 
 MARK = "napari_sparse3d"  # group attribute: what wrote it (an earlier prediction may be replaced with overwrite)
 
@@ -74,6 +77,23 @@ def level0(group: Any) -> Any | None:
     if not isinstance(path, str) or path not in set(group.array_keys()):
         return None
     return group[path]
+
+
+def read_levels(path: str | os.PathLike) -> tuple[list[Any], list[list[float]]]:
+    """The levels of an OME-Zarr image (lazy zarr arrays, finest first) and each level's scale (z, y, x)."""
+    group = zarr.open_group(str(path), mode="r")
+    entries = multiscales(group)
+    if entries is None:
+        raise ValueError(f"{str(path)!r} is not an OME-Zarr image (no multiscales metadata)")
+    arrays, scales = [], []
+    for dataset in entries[0].get("datasets", []):
+        arrays.append(group[dataset["path"]])
+        scale = [1.0, 1.0, 1.0]
+        for transform in dataset.get("coordinateTransformations", []):
+            if transform.get("type") == "scale":
+                scale = [float(v) for v in transform["scale"]][-3:]
+        scales.append(scale)
+    return arrays, scales
 
 
 def is_label_image(path: str | os.PathLike) -> bool:
