@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_sparse3d.engine.preprocess import round_up
 from napari_sparse3d.engine.trained import model_info
 from napari_sparse3d.engine.volume import as_volume
 from napari_sparse3d.io.checkpoint import as_model
@@ -59,17 +60,13 @@ def _spec() -> Any:
     return spec
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-int(value) // int(multiple)) * int(multiple)
-
-
 def _geometry(net: Any, patch: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
     """Per axis: halo, smallest valid size, step, and the test tensor's size."""
     step = [int(d) for d in net.divisor]
     head_halo = net.pixel_head.halo if net.pixel_head is not None else (0, 0, 0)
     halo = [max(int(h), s) for h, s in zip(head_halo, step)]
-    minimum = [_round_up(2 * h + s, s) for h, s in zip(halo, step)]
-    size = [max(m, _round_up(p, s)) for m, p, s in zip(minimum, patch, step)]
+    minimum = [round_up(2 * h + s, s) for h, s in zip(halo, step)]
+    size = [max(m, round_up(p, s)) for m, p, s in zip(minimum, patch, step)]
     return halo, minimum, step, size
 
 
