@@ -1,11 +1,11 @@
 """Make the README's screenshots from the real plugin, on a virtual screen.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/screenshots.py
+    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python docs/screenshots.py
 
-Drives the loop a user goes through — annotate two slices, train with the
-prediction streaming in (the validation Dice beside the loss), correct a slice,
-continue, split the result into instances — and saves the whole napari window at
-each stage into ``docs/images/``.
+Drives the loop a user goes through — annotate two slices with the orthogonal
+views open, train with the prediction streaming in (the validation Dice beside
+the loss), correct a slice, continue, look at the result in 3D, split it into
+instances — and saves the whole napari window at each stage into ``docs/images/``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     image, truth = make_cells((48, 96, 96), classes=3, seed=1)
     viewer = napari.Viewer(title="napari-sparse3d")
-    viewer.window.resize(1500, 900)
+    viewer.window.resize(1850, 1040)
     viewer.add_image(image, name="cells")
     _, annotate = viewer.window.add_plugin_dock_widget("napari-sparse3d", "Annotate slices")
     _, train = viewer.window.add_plugin_dock_widget("napari-sparse3d", "Train and predict")
@@ -71,17 +71,32 @@ def main() -> int:
         labels.data[tuple(key)] = truth[tuple(key)]
         labels.refresh()
         annotate.toggle_mark()
+    # the orthogonal views, docked left of the canvas
+    from qtpy.QtCore import Qt
+
+    views = annotate.show_views()
+    window = viewer.window._qt_window
+    viewer.window._qt_viewer.dockLayerControls.setVisible(False)  # room for the views (the tools are napari's own)
+    window.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, views.parent())
+    window.resizeDocks([views.parent()], [520], Qt.Orientation.Horizontal)
+    window.resizeDocks([views.parent()], [820], Qt.Orientation.Vertical)
     state.go_to(0, marked[0])
+    views.move_to((marked[0], marked[1], 50))
     viewer.reset_view()
+    pause(app, 0.5)
+    views.reset_views()
     pause(app, 1.0)
     viewer.screenshot(str(OUT / "1-annotate.png"), canvas_only=False)
 
     # 2. train: the viewed slice's prediction streams in
     train.preview_every = 2.0
-    train.seconds.value = 40
+    train.seconds.value = 60
     train.uncertainty_box.value = False
-    train.start(warm=False)
-    wait(app, lambda: state.prediction_layer is not None and len(train.plot.iterations) > 60)
+    if not train.start(warm=False):
+        raise RuntimeError("training did not start")
+    wait(app, lambda: (state.prediction_layer is not None and len(train.plot.iterations) > 30) or train.last_error)
+    if train.last_error is not None:
+        raise RuntimeError(f"training failed: {train.last_error}")
     pause(app, 3.0)
     viewer.screenshot(str(OUT / "2-training.png"), canvas_only=False)
     wait(app, lambda: not train.running)
@@ -103,6 +118,10 @@ def main() -> int:
     state.go_to(0, 30)
     pause(app, 1.0)
     viewer.screenshot(str(OUT / "4-retrained.png"), canvas_only=False)
+    train.show_3d()
+    pause(app, 2.0)
+    viewer.screenshot(str(OUT / "6-3d.png"), canvas_only=False)
+    views.toggle_3d()
     after = float(np.mean(state.prediction_layer.data == truth))
     print(f"voxel accuracy: {before:.3f} after the first round, {after:.3f} after the correction round")
     dice = list(train.plot.val_dices)

@@ -116,3 +116,20 @@ def test_project_commands_make_train_resume_and_describe(files, capsys):
     with pytest.raises(SystemExit):
         main(["train", str(d / "image.tif"), "--iterations", "1"])
     assert "train needs IMAGE LABELS --output MODEL.pt, or a project folder" in capsys.readouterr().err
+
+
+def test_voxel_size_recorded_in_the_tiff_is_the_spacing_unless_given(small_volume, tmp_path, capsys):
+    image, labels, _, _ = small_volume
+    path = tmp_path / "imagej.tif"
+    tifffile.imwrite(path, image.astype(np.float32), imagej=True, resolution=(1 / 0.5, 1 / 0.5),
+                     metadata={"spacing": 2.0, "unit": "um"})
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    assert main(["project", str(tmp_path / "a.zarr"), str(path), str(tmp_path / "labels.tif"), "--slices", "z=8"]) == 0
+    assert "voxel size from imagej.tif: 2 x 0.5 x 0.5" in capsys.readouterr().err
+    assert main(["project", str(tmp_path / "a.zarr")]) == 0
+    assert json.loads(capsys.readouterr().out)["spacing"] == [2.0, 0.5, 0.5]
+    # --spacing wins over the file
+    assert main(["project", str(tmp_path / "b.zarr"), str(path), "--spacing", "1", "1", "1"]) == 0
+    assert "voxel size from" not in capsys.readouterr().err
+    assert main(["project", str(tmp_path / "b.zarr")]) == 0
+    assert json.loads(capsys.readouterr().out)["spacing"] in (None, [1.0, 1.0, 1.0])

@@ -124,6 +124,9 @@ def test_refused_pairs_are_notified_and_not_added(docks):
     spacing, volumes = read_extra(state, box.pairs)
     assert spacing is None and volumes[0].spacing is None and volumes[0].slices == {}
     image.scale = (2.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="grid mismatch: layer 'other annotations' has scale"):
+        read_extra(state, box.pairs)  # the pair's layers on two grids are not mixed
+    labels.scale = (2.0, 1.0, 1.0)
     spacing, volumes = read_extra(state, box.pairs)
     assert spacing == (1.0, 1.0, 1.0) and volumes[0].spacing == (2.0, 1.0, 1.0)
 

@@ -158,6 +158,7 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot):
     for axis in range(3):
         _annotate_slice(viewer, annotate, truth, axis, truth.shape[axis] // 2)
     state = annotate.state
+    views = annotate.show_views()  # the two orthogonal views draw too
     state.go_to(0, 10)
     train.preview_every = 1.0
     train.uncertainty_box.value = True
@@ -178,6 +179,41 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot):
     assert len(ticks) > 200
     assert p99 < 0.100
     assert state.uncertainty_layer is not None
+    # the side views showed the prediction and the uncertainty as they streamed in
+    for side in views.sides:
+        assert side.mirror.mirror_of(state.prediction_layer).data is state.prediction_layer.data
+        assert side.mirror.mirror_of(state.uncertainty_layer) is not None
+
+
+def test_training_and_prediction_show_in_napari_activity_dock(make_napari_viewer, qtbot):
+    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
+    from qtpy.QtCore import QTimer
+
+    viewer, annotate, train, truth = _viewer_with_cells(make_napari_viewer)
+    annotate.create_labels_layer()
+    _annotate_slice(viewer, annotate, truth, 0, 12)
+    dialog = viewer.window._qt_window._activity_dialog
+    seen = []
+
+    def look():
+        for bar in dialog.findChildren(QtLabeledProgressBar):
+            seen.append((bar.description_label.text(), bar.qt_progress_bar.value(), bar.qt_progress_bar.maximum()))
+
+    timer = QTimer()
+    timer.setInterval(50)
+    timer.timeout.connect(look)
+    timer.start()
+    assert train.start(warm=False, max_iterations=60)
+    _wait_done(qtbot, train)
+    timer.stop()
+    assert train.last_error is None
+    training = [(value, top) for text, value, top in seen if text.startswith("napari-sparse3d: training")]
+    assert training and max(value for value, _ in training) > 0, seen[-5:]
+    values = [value for value, _ in training]
+    assert values == sorted(values)  # it only moves forward
+    assert any(text.startswith("napari-sparse3d: predicting") for text, _, _ in seen)
+    # the job's bars leave the activity dock when it ends
+    qtbot.waitUntil(lambda: not [b for b in dialog.findChildren(QtLabeledProgressBar) if b.isVisible()], timeout=5_000)
 
 
 def test_stop_is_quick_and_keeps_the_model(make_napari_viewer, qtbot):

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import QFileDialog, QVBoxLayout
 from napari_sparse3d._napari.dock import DockWidget, add_layer_like, layer_choices, layer_combo
 from napari_sparse3d._napari.state import METADATA_KEY
 from napari_sparse3d._napari.state import watch_edits as _watch
+from napari_sparse3d._napari.voxel_size import VoxelSizeBox, grid_mismatch
 from napari_sparse3d.loop.corrections import uncertain_slices
 from napari_sparse3d.loop.slices import AXIS_NAMES, label_counts, next_even_slice
 
@@ -32,6 +33,8 @@ class AnnotationWidget(DockWidget):
         self.image = layer_combo(napari_viewer, Image, "image")
         self.labels = layer_combo(napari_viewer, Labels, "annotations")
         self.new_labels = PushButton(text="New annotation layer")
+        self.voxel_size = VoxelSizeBox(self.state)
+        self.views_button = PushButton(text="Orthogonal views")
         self.axis_buttons = [PushButton(text=f"slice along {name}") for name in AXIS_NAMES]
         self.next_button = PushButton(text="Next suggested slice (Alt-N)")
         self.uncertain_button = PushButton(text="Most uncertain slice (Alt-U)")
@@ -67,10 +70,13 @@ class AnnotationWidget(DockWidget):
         )
         layout = QVBoxLayout(self)
         layout.addWidget(self.form.native)
+        layout.insertWidget(0, self.voxel_size)
+        layout.insertWidget(1, self.views_button.native)
         layout.addStretch(1)
         self.image.changed.connect(self._image_chosen)
         self.labels.changed.connect(self._labels_chosen)
         self.new_labels.clicked.connect(self.create_labels_layer)
+        self.views_button.clicked.connect(self.show_views)
         for axis, button in enumerate(self.axis_buttons):
             button.clicked.connect(lambda *_, a=axis: self.state.show_axis(a))
         self.next_button.clicked.connect(self.next_slice)
@@ -116,18 +122,26 @@ class AnnotationWidget(DockWidget):
             meta = layer.metadata.get(METADATA_KEY) or {}
             if layer is self.state.prediction_layer or layer.name.endswith(" prediction") or meta.get("role") == "prediction":
                 continue
-            if tuple(layer.data.shape[-3:]) == tuple(image.data.shape[-3:]):
+            if tuple(layer.data.shape[-3:]) == tuple(image.data.shape[-3:]) and grid_mismatch(layer, image) is None:
                 candidates.append((0 if meta.get("project") else 1, len(candidates), layer))
         return min(candidates)[2] if candidates else None
 
     def _image_chosen(self, layer: Any) -> None:
         self.state.image_layer = layer
-        if self.labels.value is None or self.labels.value.data.shape[-3:] != getattr(layer, "data", np.empty(0)).shape[-3:]:
+        self.voxel_size.image_chosen(layer)  # its scale, or its file's voxel size, or ask for it
+        current = self.labels.value
+        if current is None or layer is None or current.data.shape[-3:] != layer.data.shape[-3:] or grid_mismatch(current, layer):
             self.labels.value = self._matching_labels()
         self.state.changed()
 
     def _labels_chosen(self, layer: Any) -> None:
         state = self.state
+        image = state.image_layer
+        problem = None if layer is None or image is None else grid_mismatch(layer, image)
+        if problem is not None:  # layers on different grids are not mixed: refuse, say why
+            show_warning(f"napari-sparse3d: not used as the annotation layer: {problem}. Give both the same voxel size.")
+            self.labels.value = None
+            return
         if self._stop_watching is not None:
             self._stop_watching()
             self._stop_watching = None
@@ -152,6 +166,11 @@ class AnnotationWidget(DockWidget):
                 except (OSError, ValueError) as exc:
                     show_error(f"Could not open the project {path} for saving: {exc}")
         state.changed()
+
+    def show_views(self) -> Any:
+        """Open the orthogonal views dock (or bring it forward)."""
+        _, widget = self.viewer.window.add_plugin_dock_widget("napari-sparse3d", "Orthogonal views")
+        return widget
 
     # -- projects ---------------------------------------------------------------------------
     def _schedule_save(self, kind: str = "annotations") -> None:

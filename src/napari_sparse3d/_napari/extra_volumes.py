@@ -71,6 +71,11 @@ def check_pair(state: LoopState, image: Any, labels: Any) -> None:
             f"shape mismatch: annotation layer {labels.name!r} has shape {labels_shape}, image layer"
             f" {image.name!r} {image_shape}"
         )
+    from napari_sparse3d._napari.voxel_size import grid_mismatch
+
+    problem = grid_mismatch(labels, image)
+    if problem is not None:
+        raise ValueError(f"grid mismatch: {problem}")
     if not annotated_slices(labels) and not np.any(np.asarray(labels.data)):
         raise ValueError(
             f"annotation layer {labels.name!r} holds no annotations: paint some, or mark annotated slices"

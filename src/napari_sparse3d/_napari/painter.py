@@ -78,8 +78,11 @@ class PredictionPainter(QObject):
         if state.prediction_layer is not None and state.prediction_layer in self.viewer.layers:
             return state.prediction_layer
         image = state.image_layer
-        layer = add_layer_like(self.viewer, image, np.zeros(image.data.shape[-3:], np.uint8), name="prediction", opacity=0.5)
-        layer.metadata[METADATA_KEY] = {"role": "prediction"}
+        # the role is there when the layer is inserted (the 3D view picks the prediction up by it)
+        layer = add_layer_like(
+            self.viewer, image, np.zeros(image.data.shape[-3:], np.uint8), name="prediction", opacity=0.5,
+            metadata={METADATA_KEY: {"role": "prediction"}},
+        )
         state.adopt_prediction(layer)
         # keep the user's annotation layer selected for painting
         if state.labels_layer is not None:

@@ -1,9 +1,15 @@
-"""How the training dock shows a running job: a progress bar, one status line and the loss plot."""
+"""How the training dock shows a running job: a progress bar, one status line and the loss plot.
+
+The job's progress also goes to napari's activity dock (a :class:`napari.utils.progress`
+bar beside other plugins' jobs), updated at most every ``NAPARI_EVERY`` seconds: napari's
+bar processes Qt events on each update.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Label
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
@@ -18,6 +24,8 @@ __all__ = ["ProgressView"]
 
 #: The progress bar counts in thousandths.
 STEPS = 1000
+#: Seconds between two updates of napari's activity bar.
+NAPARI_EVERY = 0.5
 
 
 class ProgressView(QWidget):
@@ -31,6 +39,8 @@ class ProgressView(QWidget):
         self.plot = LossPlot()
         self.budgeted = False  # the job trains for a time budget: show the time left
         self.val_dice: float | None = None
+        self.activity: Any = None  # the job's napari.utils.progress (napari's activity dock shows it)
+        self._activity_shown = (-1.0, -1)  # when, and at which value, it was last updated
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.bar)
@@ -43,6 +53,26 @@ class ProgressView(QWidget):
         self.val_dice = None  # the latest validation Dice of this job (measured every few steps)
         if clear_plot:
             self.plot.clear()
+        self._close_activity()
+        from napari.utils import progress
+
+        self.activity = progress(total=STEPS, desc="napari-sparse3d: starting")
+        self._activity_shown = (-1.0, -1)
+
+    def _to_activity(self, value: int, description: str) -> None:
+        """Napari's bar follows the dock's, at most every NAPARI_EVERY seconds (call it last: it runs Qt events)."""
+        activity = self.activity
+        now = time.perf_counter()
+        if activity is None or now - self._activity_shown[0] < NAPARI_EVERY or value == self._activity_shown[1]:
+            return
+        self._activity_shown = (now, value)
+        activity.set_description(description)
+        activity.update(max(0, value - activity.n))
+
+    def _close_activity(self) -> None:
+        activity, self.activity = self.activity, None
+        if activity is not None:
+            activity.close()
 
     def training(self, report: TrainReport) -> None:
         self.plot.add(report.iteration, report.loss, report.val_dice)
@@ -57,14 +87,22 @@ class ProgressView(QWidget):
         self.status.value = (
             f"training: iteration {report.iteration} · {report.elapsed:.0f} s{eta} · loss {report.loss:.3f}{dice}{skipped}"
         )
+        self._to_activity(self.bar.value(), f"napari-sparse3d: training, iteration {report.iteration}")
 
     def predicting(self, report: PredictReport) -> None:
         self.bar.setValue(int(STEPS * report.progress))
         self.status.value = f"predicting: {report.windows_done}/{report.windows_total} windows · {report.elapsed:.0f} s"
+        self._to_activity(self.bar.value(), "napari-sparse3d: predicting")
 
     def restart(self) -> None:
         """The full prediction starts: the bar counts its windows from zero."""
         self.bar.setValue(0)
+        if self.activity is not None:  # a bar cannot count down: the prediction gets its own
+            self.activity.close()
+            from napari.utils import progress
+
+            self.activity = progress(total=STEPS, desc="napari-sparse3d: predicting")
+            self._activity_shown = (-1.0, -1)
 
     def finished(self, seconds: float, *, cancelled: bool, error: BaseException | None) -> None:
         if error is None:
@@ -72,3 +110,4 @@ class ProgressView(QWidget):
             self.bar.setValue(STEPS)
         else:
             self.status.value = f"failed: {error}"
+        self._close_activity()

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from napari_sparse3d.engine.training import Trainer
     from napari_sparse3d.io.project import Project
 
-__all__ = ["METADATA_KEY", "LoopState", "state_for", "watch_edits"]
+__all__ = ["METADATA_KEY", "LoopState", "painted_indices", "state_for", "watch_edits"]
 
 METADATA_KEY = "napari_sparse3d"
 
@@ -73,6 +73,27 @@ def watch_edits(layer: Any, callback: Callable[[], None]) -> Callable[[], None]:
     return stop
 
 
+def painted_indices(atom: Any, axis: int) -> set[int]:
+    """The indices along data ``axis`` (of the last three) that one napari paint history atom changed.
+
+    napari's brush, fill and polygon record a masked bounding box (``slice_key``,
+    ``mask``); ``data_setitem`` records fancy indices, old and new values.
+    """
+    key = getattr(atom, "slice_key", None)
+    if key is not None:
+        bounds = key[-3 + axis]
+        mask = getattr(atom, "mask", None)
+        if mask is None:
+            return set(range(int(bounds.start), int(bounds.stop)))
+        mask = np.asarray(mask)
+        others = tuple(a for a in range(mask.ndim) if a != mask.ndim - 3 + axis)
+        return {int(bounds.start) + int(i) for i in np.flatnonzero(mask.any(axis=others))}
+    indices = atom[0] if isinstance(atom, tuple) else getattr(atom, "indices", None)
+    if indices is None or len(indices) < 3:
+        return set()
+    return {int(v) for v in np.unique(np.asarray(indices[-3 + axis]))}
+
+
 class LoopState:
     def __init__(self, viewer: Any) -> None:
         # a weak reference: the shared state must not keep a closed viewer (and its layers) alive
@@ -107,6 +128,10 @@ class LoopState:
     # -- notification -----------------------------------------------------------------
     def on_change(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
+
+    def off_change(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
 
     def changed(self) -> None:
         for callback in list(self._listeners):
@@ -168,7 +193,8 @@ class LoopState:
         if self._stop_watching_prediction is not None:
             self._stop_watching_prediction()
         self.prediction_layer = layer
-        layer.events.paint.connect(lambda event: self.record_paint(event.value))
+        # a stroke painted in an orthogonal view comes with that view's axis (see _napari.mirror)
+        layer.events.paint.connect(lambda event: self.record_paint(event.value, getattr(event, "axis", None)))
         # corrections painted (or undone) on the prediction are saved like annotations
         self._stop_watching_prediction = watch_edits(layer, lambda: self.edited("prediction"))
         self.reference = np.array(layer.data, copy=True)
@@ -297,18 +323,15 @@ class LoopState:
         self.viewer.dims.set_point(world_axis, float(world[-3 + axis]))
 
     # -- corrections --------------------------------------------------------------------
-    def record_paint(self, atoms: Any) -> None:
-        """Note the slices that a paint event on the prediction layer changed."""
-        current = self.current_slice()
-        if current is None:
-            return
-        axis, _ = current
+    def record_paint(self, atoms: Any, axis: int | None = None) -> None:
+        """Note the slices of ``axis`` (default: the one on screen) that a paint event on the prediction changed."""
+        if axis is None:
+            current = self.current_slice()
+            if current is None:
+                return
+            axis = current[0]
         for atom in atoms or []:
-            indices = atom[0] if isinstance(atom, tuple) else getattr(atom, "indices", None)
-            if indices is None or len(indices) < 3:
-                continue
-            values = np.unique(np.asarray(indices[-3 + axis]))
-            self.corrected[axis].update(int(v) for v in values)
+            self.corrected[axis].update(painted_indices(atom, axis))
         self.changed()
 
     def corrected_slices(self) -> dict[int, list[int]]:

@@ -72,6 +72,7 @@ class TrainingWidget(DockWidget):
         self.start_button = PushButton(text="Start (new model)")
         self.continue_button = PushButton(text="Continue (Alt-T)")
         self.stop_button = PushButton(text="Stop (Alt-S)")
+        self.three_d_button = PushButton(text="Show 3D result")
         self.extra = ExtraVolumesBox(self.viewer, self.state, error=self._error)
         self.progress_view = ProgressView()
         self.status, self.progress, self.plot = self.progress_view.status, self.progress_view.bar, self.progress_view.plot
@@ -89,6 +90,7 @@ class TrainingWidget(DockWidget):
         buttons = Container(widgets=[self.start_button, self.continue_button, self.stop_button], layout="horizontal")
         layout.addWidget(buttons.native)
         layout.addWidget(self.progress_view)
+        layout.addWidget(self.three_d_button.native)
         layout.addWidget(self.corrections)
         layout.addWidget(self.models)
         layout.addWidget(self.instances)
@@ -97,6 +99,7 @@ class TrainingWidget(DockWidget):
         self.start_button.clicked.connect(lambda: self.start(warm=False))
         self.continue_button.clicked.connect(lambda: self.start(warm=True))
         self.stop_button.clicked.connect(self.stop)
+        self.three_d_button.clicked.connect(self.show_3d)
         self.corrections.correct_button.clicked.connect(self.use_corrections)
         self.corrections.accept_button.clicked.connect(self.accept_current_slice)
         self.models.apply_button.clicked.connect(lambda: self.apply_model(self.models.apply_to.value))
@@ -267,6 +270,13 @@ class TrainingWidget(DockWidget):
         self.phase = "idle"
         self.painter.target = None
         self._update_buttons()
+
+    def show_3d(self) -> Any:
+        """The prediction in 3D, in the orthogonal views dock (opened if needed); training goes on."""
+        _, views = self.viewer.window.add_plugin_dock_widget("napari-sparse3d", "Orthogonal views")
+        if views.three_d is None:
+            views.toggle_3d()
+        return views
 
     # -- corrections ----------------------------------------------------------------------
     def use_corrections(self) -> list[tuple[int, int]]:

@@ -71,6 +71,11 @@ class TrainingRun:
             raise ValueError("choose an image layer and its annotation layer in the annotation widget first")
         if image.rgb or getattr(image, "multiscale", False) or image.ndim != 3:
             raise ValueError(f"layer {image.name!r}: expected a 3D grey image, got ndim={image.ndim}, rgb={image.rgb}")
+        from napari_sparse3d._napari.voxel_size import grid_mismatch
+
+        problem = grid_mismatch(labels_layer, image)
+        if problem is not None:
+            raise ValueError(f"{problem}: the annotations must lie on the image's voxel grid")
         labels = np.array(labels_layer.data, copy=True)  # a snapshot: painting goes on meanwhile
         if labels.shape != tuple(image.data.shape):
             raise ValueError(

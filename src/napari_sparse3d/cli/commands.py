@@ -61,6 +61,19 @@ class _Progress:
         self._close()
 
 
+def _spacing_from_file(args: argparse.Namespace, path: Any) -> None:
+    """Without ``--spacing``, the voxel size that the image file records (TIFF resolution, OME) is the spacing."""
+    if getattr(args, "spacing", None) is not None or not path or not Path(str(path)).exists():
+        return
+    from napari_sparse3d.io.voxel_size import file_voxel_size
+
+    found = file_voxel_size(path)
+    if found is not None:
+        args.spacing = list(found)
+        print(f"voxel size from {Path(str(path)).name}: {' x '.join(f'{v:g}' for v in found)} (z x y x x)",
+              file=sys.stderr)
+
+
 def _train_kwargs(args: argparse.Namespace, *, slices: bool = True) -> dict[str, Any]:
     return dict(
         annotated_slices=parse_slices(args.slices) if slices else None,
@@ -89,6 +102,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output:
         _check_target(Path(args.output), args.overwrite, [*args.inputs, args.init])
     progress = _Progress(args.quiet)
+    if len(pairs) == 1 and not is_project(pairs[0][0]):
+        _spacing_from_file(args, pairs[0][0])
     kwargs = _train_kwargs(args, slices=False)
     if len(pairs) == 1:
         kwargs["annotated_slices"] = volume_slices(args.slices, 1)[0]
@@ -128,6 +143,7 @@ def _cmd_project(args: argparse.Namespace) -> int:
         return 0
     image = load_array(args.image)
     labels = None if args.labels is None else load_array(args.labels, name="labels")
+    _spacing_from_file(args, args.image)
     project = Project.create(
         args.path,
         image,
@@ -285,6 +301,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from napari_sparse3d.io.arrays import load_array, save_array
     from napari_sparse3d.io.project import Project, is_project
 
+    if not args.sample and args.image and not is_project(args.image):
+        _spacing_from_file(args, args.image)
     kwargs = _train_kwargs(args)
     truth = None
     run_target: Any = None
