@@ -169,7 +169,9 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot):
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
     assert train.start(warm=False)
-    _wait_done(qtbot, train)
+    # (the job itself is slow here: with the views open and this timer, its set-up took up to 130 s
+    # on the 2-core VM against about 25 s without the timer -- under investigation, see the README)
+    _wait_done(qtbot, train, timeout=400_000)
     timer.stop()
     assert train.last_error is None
     delays = np.diff(ticks) - 0.010
