@@ -80,6 +80,11 @@ def main() -> int:
     window.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, views.parent())
     window.resizeDocks([views.parent()], [520], Qt.Orientation.Horizontal)
     window.resizeDocks([views.parent()], [820], Qt.Orientation.Vertical)
+    # the docks scroll when they are short of room: the annotation dock as tall as its content, training the rest
+    from qtpy.QtWidgets import QScrollArea
+
+    compact = annotate.findChild(QScrollArea).widget().sizeHint().height() + 10
+    window.resizeDocks([annotate.parent(), train.parent()], [compact, 1040 - compact], Qt.Orientation.Vertical)
     state.go_to(0, marked[0])
     views.move_to((marked[0], marked[1], 50))
     viewer.reset_view()
@@ -110,6 +115,7 @@ def main() -> int:
     zz, yy = np.nonzero(wrong)
     state.prediction_layer.data_setitem((zz, yy, np.full(zz.shape, 60)), truth[zz, yy, 60])
     viewer.layers.selection.active = state.prediction_layer
+    train.scroll_to(train.corrections)
     pause(app, 1.0)
     viewer.screenshot(str(OUT / "3-correct.png"), canvas_only=False)
     train.seconds.value = 40
@@ -132,6 +138,7 @@ def main() -> int:
     layer = train.instances.make_instances()
     for other in viewer.layers:
         other.visible = other is layer or other.name == "cells"
+    train.scroll_to(train.instances)
     pause(app, 1.0)
     viewer.screenshot(str(OUT / "5-instances.png"), canvas_only=False)
     print(f"instances: {int(layer.data.max())}")

@@ -4,6 +4,7 @@ import gc
 from types import SimpleNamespace
 
 import numpy as np
+from qtpy.QtWidgets import QScrollArea
 
 from napari_sparse3d._napari.mirror import LayerMirror
 from napari_sparse3d._napari.state import METADATA_KEY
@@ -214,3 +215,18 @@ def test_closing_the_dock_leaves_no_canvases(make_napari_viewer, qtbot):
     viewer.dims.set_point(0, 3)
     labels.data[3, 4, 5] = 1
     labels.refresh()
+
+
+def test_the_plugin_docks_on_one_side_fit_a_laptop_screen(make_napari_viewer, qtbot):
+    """Annotation, training and views docks stacked on the right: the window still fits a 1080-px screen."""
+    viewer, annotate, views, _ = _viewer(make_napari_viewer)
+    dock, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train and predict")
+    window = viewer.window._qt_window
+    window.show()
+    qtbot.waitExposed(window)
+    for widget in (annotate, train, views):
+        assert window.dockWidgetArea(widget.parentWidget()) == window.dockWidgetArea(dock)
+    assert window.minimumSizeHint().height() < 1000, window.minimumSizeHint()
+    # a dock given less room than its widgets need scrolls instead of hiding them
+    assert train.findChild(QScrollArea).widget().sizeHint().height() > 700
+    assert annotate.findChild(QScrollArea).minimumSizeHint().height() <= 220

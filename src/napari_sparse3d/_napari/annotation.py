@@ -12,7 +12,7 @@ from magicgui.widgets import Container, Label, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QVBoxLayout
+from qtpy.QtWidgets import QFileDialog
 
 from napari_sparse3d._napari.dock import DockWidget, add_layer_like, layer_choices, layer_combo
 from napari_sparse3d._napari.state import METADATA_KEY
@@ -68,7 +68,7 @@ class AnnotationWidget(DockWidget):
                 self.save_project_button,
             ]
         )
-        layout = QVBoxLayout(self)
+        layout = self.scrolling_column()
         layout.addWidget(self.form.native)
         layout.insertWidget(0, self.voxel_size)
         layout.insertWidget(1, self.views_button.native)

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox
-from qtpy.QtCore import QEvent, QObject
-from qtpy.QtWidgets import QWidget
+from qtpy.QtCore import QEvent, QObject, QSize, Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from napari_sparse3d._napari.state import state_for
 
@@ -73,6 +73,29 @@ def on_close(window: Any, callback: Callable[[], Any]) -> None:
     watcher.callbacks.append(callback)
 
 
+class _Column(QScrollArea):
+    """A vertical scroll area as wide as its content, at least ``MIN_HEIGHT`` px tall (less if the content is)."""
+
+    MIN_HEIGHT = 220
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def minimumSizeHint(self) -> QSize:
+        body = self.widget()
+        if body is None:
+            return super().minimumSizeHint()
+        width = body.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+        return QSize(width, min(body.sizeHint().height(), self.MIN_HEIGHT))
+
+    def sizeHint(self) -> QSize:
+        body = self.widget()
+        return super().sizeHint() if body is None else body.sizeHint().expandedTo(self.minimumSizeHint())
+
+
 class DockWidget(QWidget):
     """Base of the plugin's docks: the real viewer, its shared state, key bindings, layer-list updates."""
 
@@ -89,6 +112,27 @@ class DockWidget(QWidget):
             # what the plugin holds for this viewer (project lock, trainer, model) goes with its window
             state = self.state
             window.destroyed.connect(lambda *_: state.release())
+
+    def scrolling_column(self) -> QVBoxLayout:
+        """The dock's column of widgets, inside a scroll area.
+
+        Without it the dock's minimum height is the sum of its widgets' heights (over 1000 px
+        for the training dock), and napari's window grows past a laptop's screen as soon as
+        two docks share a side. With it a dock that has too little room scrolls.
+        """
+        self._column = scroll = _Column()
+        body = QWidget()
+        scroll.setWidget(body)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        return QVBoxLayout(body)
+
+    def scroll_to(self, widget: QWidget) -> None:
+        """Scroll the dock's column (if it has one) so that ``widget`` is in sight."""
+        column = getattr(self, "_column", None)
+        if column is not None:
+            column.ensureWidgetVisible(widget, 0, 0)
 
     def reset_choices(self, *_: Any) -> None:
         """Refresh the layer menus (called when layers are added or removed)."""

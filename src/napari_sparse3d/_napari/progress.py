@@ -3,16 +3,30 @@
 The job's progress also goes to napari's activity dock (a :class:`napari.utils.progress`
 bar beside other plugins' jobs), updated at most every ``NAPARI_EVERY`` seconds: napari's
 bar processes Qt events on each update.
+
+While a napari progress bar exists, napari's status bar plays an animated "in progress" GIF
+at about 33 frames a second. Each frame repaints the main window, and with OpenGL canvases
+in it Qt composes the whole window again. Under software OpenGL (llvmpipe: Xvfb, VNC and
+remote desktops) that costs milliseconds to tens of milliseconds of the GUI thread per frame,
+growing with the window's size, with the GIL held, since napari's main window handles its
+events in Python. The training thread then waits for the GIL on almost every torch call.
+Measured on the 2-core VM (the responsiveness test, 10 s of training): in a 1154x978 window
+the job took 27-30 s with the GIF at full speed and 21-23 s at ``INDICATOR_FPS``; in a
+1141x2139 window the pixel classifier's fit alone took 50 s instead of 5 s. So while a job of
+ours runs, the GIF plays at ``INDICATOR_FPS`` frames a second; its speed is restored when the
+job ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Label
-from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
+from qtpy.QtGui import QMovie
+from qtpy.QtWidgets import QLabel, QProgressBar, QVBoxLayout, QWidget
 
 from napari_sparse3d._napari.loss_plot import LossPlot
 
@@ -26,6 +40,24 @@ __all__ = ["ProgressView"]
 STEPS = 1000
 #: Seconds between two updates of napari's activity bar.
 NAPARI_EVERY = 0.5
+#: Frames a second of napari's "in progress" animation while a job of ours runs (see above).
+INDICATOR_FPS = 3.0
+
+
+def indicator_movie(widget: QWidget) -> QMovie | None:
+    """The QMovie of napari's "in progress" indicator in the window holding ``widget``, if found.
+
+    These are napari's private widgets (``_activity_dialog._toggleButton._inProgressIndicator``
+    in napari 0.4.19 to 0.9); where a napari version has moved them this returns None and
+    the animation is left alone.
+    """
+    parent: Any = widget
+    while parent is not None and not hasattr(parent, "_activity_dialog"):
+        parent = parent.parentWidget()
+    toggle = getattr(getattr(parent, "_activity_dialog", None), "_toggleButton", None)
+    label = getattr(toggle, "_inProgressIndicator", None)
+    movie = label.movie() if isinstance(label, QLabel) else None
+    return movie if isinstance(movie, QMovie) else None
 
 
 class ProgressView(QWidget):
@@ -41,6 +73,7 @@ class ProgressView(QWidget):
         self.val_dice: float | None = None
         self.activity: Any = None  # the job's napari.utils.progress (napari's activity dock shows it)
         self._activity_shown = (-1.0, -1)  # when, and at which value, it was last updated
+        self._indicator: tuple[QMovie, int] | None = None  # napari's animation we slowed, and its speed
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.bar)
@@ -58,6 +91,16 @@ class ProgressView(QWidget):
 
         self.activity = progress(total=STEPS, desc="napari-sparse3d: starting")
         self._activity_shown = (-1.0, -1)
+        self._slow_indicator()
+
+    def _slow_indicator(self) -> None:
+        movie = indicator_movie(self)
+        if movie is None or self._indicator is not None:
+            return
+        delay = movie.nextFrameDelay() or 30  # ms; 0 before the first frame
+        speed = movie.speed()
+        movie.setSpeed(max(1, min(speed, round(100 * delay * INDICATOR_FPS / 1000))))
+        self._indicator = (movie, speed)
 
     def _to_activity(self, value: int, description: str) -> None:
         """Napari's bar follows the dock's, at most every NAPARI_EVERY seconds (call it last: it runs Qt events)."""
@@ -73,6 +116,10 @@ class ProgressView(QWidget):
         activity, self.activity = self.activity, None
         if activity is not None:
             activity.close()
+        indicator, self._indicator = self._indicator, None
+        if indicator is not None:
+            with contextlib.suppress(RuntimeError):  # napari's window may already be gone
+                indicator[0].setSpeed(indicator[1])
 
     def training(self, report: TrainReport) -> None:
         self.plot.add(report.iteration, report.loss, report.val_dice)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, PushButton
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QVBoxLayout
 
 from napari_sparse3d._napari.corrections_box import CorrectionsBox
 from napari_sparse3d._napari.dock import DockWidget
@@ -84,14 +83,14 @@ class TrainingWidget(DockWidget):
             self.viewer, self.state, show_uncertainty=lambda: self.uncertainty_box.value, error=self._error, parent=self
         )
 
-        layout = QVBoxLayout(self)
+        layout = self.scrolling_column()
         layout.addWidget(self.settings)
-        layout.addWidget(self.extra)
         buttons = Container(widgets=[self.start_button, self.continue_button, self.stop_button], layout="horizontal")
         layout.addWidget(buttons.native)
         layout.addWidget(self.progress_view)
         layout.addWidget(self.three_d_button.native)
         layout.addWidget(self.corrections)
+        layout.addWidget(self.extra)
         layout.addWidget(self.models)
         layout.addWidget(self.instances)
         layout.addStretch(1)
@@ -194,6 +193,7 @@ class TrainingWidget(DockWidget):
     def _launch(self, job: Job) -> None:
         self.last_error = None
         self.phase = "starting"
+        self.scroll_to(self.progress_view)  # a dock short of room shows the job's progress
         self.runner.launch(job, on_item=self._on_yield, on_error=self._on_error, on_finished=self._on_finished)
         self._update_buttons()
 

@@ -79,7 +79,7 @@ class _SideView(_Canvas):
         self.owner = owner
         self.axis: int = slot + 1
         super().__init__(owner.viewer, mirrorable, axis=lambda: self.axis, refresh_ms=50, title=f"side view {slot + 1}",
-                         min_height=180)
+                         min_height=150)
         self.lines = Shapes(ndim=3, name="slices", opacity=0.8)
         self.model.layers.append(self.lines)
         self.mirror.update()  # the mirrors' active layer again (adding the lines selected them)
