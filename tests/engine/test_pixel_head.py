@@ -105,6 +105,39 @@ def test_the_classifier_learns_from_two_slices_in_a_few_hundred_steps():
     assert 300 < x_small.shape[0] < 700
 
 
+def test_the_prior_of_a_large_box_is_computed_in_blocks_with_the_same_result(monkeypatch):
+    """A prediction tile's input (tile + window margins) can hold tens of millions of voxels: the
+    filter bank runs block by block, so its memory is bounded by the block, not by the box."""
+    from napari_sparse3d.engine import pixel_head
+
+    image, truth = _blobs(shape=(24, 160, 160))  # the blobs sit in the first 48x48; the rest is noise
+    volume = as_volume(image)
+    norm = Normalization((0.0,), (1.0,), (0.0,), (1.0,))
+    target = np.full(truth.shape, -1, np.int64)
+    target[[8, 16], :48, :48] = truth[[8, 16], :48, :48]
+    head = PixelClassifier(1, 3, spacing=(1.0, 1.0, 1.0))
+    head.fit(*training_samples(head, [(volume, norm, target)], seed=0), seed=0, steps=200)
+    box = (slice(2, 23), slice(3, 157), slice(0, 150))
+    whole = prior(head, volume, norm, box, block_voxels=10**9)
+    seen = []
+    real = pixel_head.filter_bank
+    monkeypatch.setattr(pixel_head, "filter_bank", lambda image, sigmas: (seen.append(image[0].numel()), real(image, sigmas))[1])
+    blocked = prior(head, volume, norm, box, block_voxels=60_000)
+    blocks = block_boxes((21, 154, 150), 60_000)
+    assert len(seen) == len(blocks) > 5
+    # each block is read with its margin only: far less than the box
+    def read_size(block):
+        where = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, block))
+        return int(np.prod([g.stop - g.start for g in grow(where, head.halo, volume.spatial_shape)[0]]))
+
+    bound = max(read_size(block) for block in blocks)
+    assert max(seen) == bound < 21 * 154 * 150
+    assert blocked.shape == whole.shape == (3, 21, 154, 150) and blocked.dtype == torch.float32
+    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=0)
+    assert torch.equal(blocked.argmax(0), whole.argmax(0))
+    assert (whole.argmax(0) > 0).any()  # the classifier does find the blobs
+
+
 def test_training_fits_the_classifier_on_training_voxels_only_and_feeds_its_probabilities(small_volume, monkeypatch):
     image, labels, truth, slices = small_volume
     seen = {}

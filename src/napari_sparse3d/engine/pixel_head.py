@@ -37,6 +37,7 @@ FIT_STEPS = 600  # measured: 4-5 s on two CPU cores, within 0.002 Dice of 1000 s
 FIT_BATCH = 8192
 MAX_SAMPLES = 1_000_000  # annotated voxels kept for the fit (a random subset beyond that)
 BLOCK_VOXELS = 1 << 21  # voxels per block of the filter bank (about 170 MB of responses per image channel)
+PRIOR_BLOCK_VOXELS = 1 << 23  # the same for a prediction tile's input (benchmarks/bench_prior_memory.py)
 
 
 class PixelClassifier(nn.Module):
@@ -125,17 +126,36 @@ def _normalised(volume: Any, normalization: Any, box: tuple[slice, ...], device:
     return torch.from_numpy(np.ascontiguousarray(normalization.apply(volume.read(box)), dtype=np.float32)).to(device)
 
 
-def prior(head: PixelClassifier, volume: Any, normalization: Any, box: tuple[slice, ...]) -> torch.Tensor:
-    """The classifier's probabilities ``(K, z, y, x)`` on ``box`` of ``volume``, computed with a margin."""
+def _prior_block(head: PixelClassifier, volume: Any, normalization: Any, box: tuple[slice, ...]) -> torch.Tensor:
     grown, inner = grow(box, head.halo, volume.spatial_shape)
     return head.probabilities(_normalised(volume, normalization, grown, head.mean.device))[(slice(None), *inner)]
+
+
+def prior(
+    head: PixelClassifier, volume: Any, normalization: Any, box: tuple[slice, ...], *, block_voxels: int = PRIOR_BLOCK_VOXELS
+) -> torch.Tensor:
+    """The classifier's probabilities ``(K, z, y, x)`` float32 on ``box`` of ``volume``.
+
+    Computed block by block, each block of at most ``block_voxels`` read with its own margin,
+    so that memory does not grow with the box (a prediction tile with its windows' margins
+    can hold 30 M voxels, and the filter bank keeps about 30 floats per voxel).
+    """
+    shape = tuple(b.stop - b.start for b in box)
+    blocks = block_boxes(shape, block_voxels)
+    if len(blocks) == 1:
+        return _prior_block(head, volume, normalization, box)
+    out = torch.empty((head.num_classes, *shape), dtype=torch.float32, device=head.mean.device)
+    for sub in blocks:
+        where = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, sub))
+        out[(slice(None), *sub)] = _prior_block(head, volume, normalization, where)
+    return out
 
 
 def probability_map(head: PixelClassifier, volume: Any, normalization: Any) -> np.ndarray:
     """The classifier's probabilities over the whole volume, ``(K, Z, Y, X)`` float16, block by block."""
     out = np.empty((head.num_classes, *volume.spatial_shape), dtype=np.float16)
     for box in block_boxes(volume.spatial_shape, BLOCK_VOXELS):
-        out[(slice(None), *box)] = prior(head, volume, normalization, box).cpu().numpy()
+        out[(slice(None), *box)] = _prior_block(head, volume, normalization, box).cpu().numpy()
     return out
 
 
