@@ -32,16 +32,23 @@ def test_closed_form_eigenvalues_match_linalg():
     torch.testing.assert_close(ours, torch.linalg.eigvalsh(a).float(), atol=1e-4, rtol=1e-4)
 
 
-def test_smoothing_is_scipys_gaussian_filter_with_nearest_borders():
+@pytest.mark.parametrize("way", ["one matrix per axis", "matrices over pieces of an axis", "traceable convolution"])
+def test_smoothing_is_scipys_gaussian_filter_with_nearest_borders(way, monkeypatch):
     from scipy import ndimage
 
+    from napari_sparse3d.engine import features
+
+    if way == "matrices over pieces of an axis":  # as a long axis is smoothed: 16 voxels at a time, margins between
+        monkeypatch.setattr(features, "_MATRIX_MAX", 16)
+    if way == "traceable convolution":  # what a traced (exported) module runs
+        monkeypatch.setattr(features.torch.jit, "is_tracing", lambda: True)
     rng = np.random.default_rng(1)
     volume = rng.normal(size=(20, 40, 64)).astype(np.float32)
-    # (1, 2.5, 8): a short kernel (3D convolution) and two long ones (1D convolutions along a moved axis)
-    sigma = (1.0, 2.5, 8.0)  # radii 3, 8, 24: where scipy truncates the same way
-    ours = _smooth(torch.from_numpy(volume)[None], sigma)[0].numpy()
-    reference = ndimage.gaussian_filter(volume.astype(np.float64), sigma, mode="nearest", truncate=3.0)
-    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    # radii 3, 8, 24 (where scipy truncates the same way); the z kernel (49 taps at sigma 8) is longer than z
+    for sigma in ((1.0, 2.5, 8.0), (8.0, 1.0, 2.5)):
+        ours = _smooth(torch.from_numpy(volume)[None], sigma)[0].numpy()
+        reference = ndimage.gaussian_filter(volume.astype(np.float64), sigma, mode="nearest", truncate=3.0)
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
     untouched = _smooth(torch.from_numpy(volume)[None], (0.1, 0.0, 0.2))[0].numpy()  # below 0.3 voxel: as it was
     np.testing.assert_array_equal(untouched, volume)
 
@@ -103,6 +110,29 @@ def test_the_classifier_learns_from_two_slices_in_a_few_hundred_steps():
     # at most max_samples voxels are kept
     x_small, _ = training_samples(head, [(volume, norm, target)], seed=0, max_samples=500)
     assert 300 < x_small.shape[0] < 700
+
+
+def test_the_probabilities_are_the_standardised_perceptron_over_every_voxel(monkeypatch):
+    """The fast path (standardisation folded into the first layer, the perceptron over chunks of
+    voxels) gives the plain formula's probabilities, across chunk borders and a last short chunk."""
+    from napari_sparse3d.engine import pixel_head
+
+    monkeypatch.setattr(pixel_head, "MLP_CHUNK", 1000)
+    generator = torch.Generator().manual_seed(0)
+    head = PixelClassifier(1, 3, spacing=(2.0, 1.0, 1.0))
+    for name in ("w1", "b1", "w2", "b2", "w3", "b3"):
+        buffer = getattr(head, name)
+        buffer.copy_(torch.randn(buffer.shape, generator=generator) / buffer.shape[-1] ** 0.5)
+    image = torch.randn((1, 9, 21, 23), generator=generator)  # 4347 voxels: four full chunks and a short one
+    feats = filter_bank(image, head.sigmas.numpy()).reshape(20, -1)
+    head.mean.copy_(feats.mean(1) + 0.3)  # off-centre and scaled, as fitted statistics are on other voxels
+    head.std.copy_(feats.std(1) * 1.7)
+    head.fitted.fill_(1.0)
+    standardised = (feats - head.mean[:, None]) / head.std[:, None]
+    expected = head.logits(standardised.T).softmax(1).T.reshape(3, 9, 21, 23)
+    ours = head.probabilities(image)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(ours.argmax(0), expected.argmax(0)) and len(ours.argmax(0).unique()) == 3
 
 
 def test_the_prior_of_a_large_box_is_computed_in_blocks_with_the_same_result(monkeypatch):

@@ -96,7 +96,9 @@ def test_tiled_prediction_equals_whole_volume_prediction(shape, predict):
     assert (covered == 1).all()  # blocks tile the volume exactly once
     if predict.get("tile_voxels", 2**23) < np.prod(shape):
         assert len(blocks) > 1
-    np.testing.assert_allclose(probs, probs_ref, atol=1e-5)
+    # to float rounding: the classifier's smoothing is a matrix product whose summation order
+    # depends on the length of the block's axes (responses equal to about 1e-7)
+    np.testing.assert_allclose(probs, probs_ref, atol=5e-5)
     agree = labels == labels_ref
     # an argmax may flip only where two classes tie to within float rounding
     assert agree.mean() > 0.999
@@ -229,3 +231,16 @@ def test_peak_memory_does_not_grow_with_the_yx_extent(tmp_path):
         written = load_array(folder / "labels.zarr")
         assert written.shape == shape and set(np.unique(written[:, ::64, ::64])) <= {0, 1}
     assert growth["wide"] - growth["small"] < 40, growth
+
+
+def test_class_argmax_is_torchs_argmax_with_the_first_class_winning_ties():
+    from napari_sparse3d.engine.prediction import class_argmax
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (4, 7, 9, 11), generator=generator).float()  # many ties
+    labels = class_argmax(scores)
+    assert labels.dtype == torch.int64 and labels.shape == (7, 9, 11)
+    assert torch.equal(labels, torch.from_numpy(scores.numpy().argmax(0)))  # numpy: the first maximum wins
+    smooth = torch.rand((3, 5, 6, 7), generator=generator)
+    assert torch.equal(class_argmax(smooth), torch.argmax(smooth, dim=0))
+
