@@ -3,14 +3,17 @@
 Three parts (``--parts``), all on the real nuclei volume (see label_efficiency.py):
 
 ``dice``
-    Trains one model per task (two-class, three-class) and seed (``--seeds``,
-    default 0 1 2) with 2 annotated slices per axis and the default recipe for
+    Trains one model per task (two-class, three-class), seed (``--seeds``,
+    default 0 1 2) and count of annotated slices per axis (``--slices``,
+    default 2) with the default recipe for
     ``--train-steps`` (default 400, about the label-efficiency benchmark's
     120 s on a 2-core CPU without native bf16; models are cached in
     ``benchmarks/data/models/``), then predicts
     the volume with each candidate setting of :data:`CANDIDATES` and scores the
-    Dice outside the annotated slices.  The first candidate is the old default
-    (windows of the training patch, overlap 0.5, 8 mirrorings).
+    Dice outside the annotated slices, and its change against the first setting
+    measured (``--settings`` picks settings by their number in :data:`CANDIDATES`;
+    by default all, the first being the old default: windows of the training
+    patch, overlap 0.5, 8 mirrorings).
 ``speed``
     Times each candidate (and the current default) on the nuclei volume,
     median of ``--repeats`` (default 5), in a fresh model's process: seconds,
@@ -33,6 +36,7 @@ records go to ``benchmarks/results/prediction_dice.jsonl``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -43,16 +47,22 @@ import label_efficiency as le
 import napari_sparse3d
 from napari_sparse3d.config import PredictConfig
 from napari_sparse3d.engine.devices import resolve_precision
-from napari_sparse3d.engine.prediction import WindowGrid, predict_blocks, resolve_window
+from napari_sparse3d.engine.pixel_head import prior
+from napari_sparse3d.engine.prediction import WindowGrid, plan_window, predict_blocks, resolve_window
 from napari_sparse3d.engine.volume import as_volume
 from napari_sparse3d.io.checkpoint import load_checkpoint, save_checkpoint
 
 MODELS = le.DATA_DIR / "models"
+RECORD_VERSION = 2  # records of models with the pixel classifier, and "auto" windows fitted to the volume
 OLD_DEFAULT = {"window": "patch", "overlap": 0.5, "mirror_tta": True}
+#: a window value of this benchmark: the patch grown to window_voxels as "auto" does, without fitting it to the volume
+PLANNED = "planned"
 #: name -> PredictConfig fields; the first is the reference (the default before this benchmark)
 CANDIDATES = {
     "old default: patch, overlap 0.5, mirrored": OLD_DEFAULT,
     "patch, overlap 0.5": {"window": "patch", "overlap": 0.5, "mirror_tta": False},
+    "planned 2^18, not fitted, overlap 0.25 (default before fit_window)":
+        {"window": PLANNED, "window_voxels": 2**18, "overlap": 0.25, "mirror_tta": False},
     "auto 2^18, overlap 0.5": {"window": "auto", "window_voxels": 2**18, "overlap": 0.5, "mirror_tta": False},
     "auto 2^18, overlap 0.25": {"window": "auto", "window_voxels": 2**18, "overlap": 0.25, "mirror_tta": False},
     "auto 2^18, overlap 0.125": {"window": "auto", "window_voxels": 2**18, "overlap": 0.125, "mirror_tta": False},
@@ -61,81 +71,98 @@ CANDIDATES = {
 }
 
 
-def trained_model(image, instances, task: str, seed: int, steps: int):
-    path = MODELS / f"{task}-k2-seed{seed}-{int(steps)}steps.pt"
+def trained_model(image, instances, task: str, seed: int, steps: int, k: int = 2):
+    path = MODELS / f"{task}-k{k}-seed{seed}-{int(steps)}steps.pt"
     if path.exists():
         return load_checkpoint(path)
     truth = le.make_truth(instances, task)
-    slices, _, sparse = le.annotation(truth, 2)
+    slices, _, sparse = le.annotation(truth, k)
     from napari_sparse3d.engine.training import Trainer
 
     trainer = Trainer.from_inputs(image, sparse, slices, spacing=le.SPACING, device="cpu", seed=seed)
     t0 = time.perf_counter()
     for _ in trainer.steps(max_iterations=steps):
         pass
-    le.log(f"trained {task} seed {seed}: {steps} steps in {time.perf_counter() - t0:.0f} s")
+    le.log(f"trained {task} k={k} seed {seed}: {steps} steps in {time.perf_counter() - t0:.0f} s")
     save_checkpoint(trainer.model, path)
     return load_checkpoint(path)
 
 
 def predict(image, model, fields: dict) -> np.ndarray:
-    return napari_sparse3d.predict(image, _with(model, fields), device="cpu")
+    return napari_sparse3d.predict(image, _with(model, fields, image.shape), device="cpu")
 
 
-def _with(model, fields: dict):
+def settings(fields: dict, model, shape) -> PredictConfig:
+    """The PredictConfig of a candidate's fields for ``model`` on a volume of ``shape``."""
+    fields = {**PredictConfig().__dict__, **fields}
+    if fields["window"] == PLANNED:
+        fields["window"] = plan_window(model.sparse3d.patch_size, model.divisor, shape, fields["window_voxels"])
+    return PredictConfig(**fields)
+
+
+def _with(model, fields: dict, shape):
     """The model with other prediction settings (a shallow copy of its metadata)."""
     import dataclasses
 
     info = model.sparse3d
-    config = info.config.replace(predict={**PredictConfig().__dict__, **fields})
+    config = info.config.replace(predict=settings(fields, model, shape).__dict__)
     model.sparse3d = dataclasses.replace(info, config=config)
     return model
 
 
 def part_dice(args, image, instances, lines: list[str]) -> None:
     out = le.RESULTS_DIR / "prediction_dice.jsonl"
-    done = {(r["task"], r["seed"], r["setting"]): r for r in le.read_results(out) if r.get("train_steps") == args.train_steps}
-    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in CANDIDATES}
+    done = {(r["task"], r.get("k", 2), r["seed"], r["setting"]): r for r in le.read_results(out)
+            if r.get("train_steps") == args.train_steps and r.get("version") == RECORD_VERSION}
+    chosen = [name for i, name in enumerate(CANDIDATES) if args.settings is None or i in args.settings]
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
     measured: list[str] = []
     for task in args.tasks:
         truth = le.make_truth(instances, task)
-        _, annotated, _ = le.annotation(truth, 2)
-        for seed in args.seeds:
-            model = None
-            reference = None
-            if args.no_train and not all((task, seed, name) in done for name in CANDIDATES):
-                continue  # a table of what has been measured
-            measured.append(f"{task} seed {seed}")
-            for name, fields in CANDIDATES.items():
-                if (task, seed, name) in done:  # results are kept as they finish; a rerun goes on from there
-                    dice = done[(task, seed, name)]["dice"]
+        for k in args.slices:
+            _, annotated, _ = le.annotation(truth, k)
+            for seed in args.seeds:
+                model = None
+                reference = None
+                if args.no_train and not all((task, k, seed, name) in done for name in chosen):
+                    continue  # a table of what has been measured
+                measured.append(f"{task} k={k} seed {seed}")
+                for name in chosen:
+                    key = (task, k, seed, name)
+                    if key in done:  # results are kept as they finish; a rerun goes on from there
+                        dice = done[key]["dice"]
+                    else:
+                        model = model or trained_model(image, instances, task, seed, args.train_steps, k)
+                        config = settings(CANDIDATES[name], model, image.shape)
+                        t0 = time.perf_counter()
+                        labels = predict(image, model, CANDIDATES[name])
+                        seconds = time.perf_counter() - t0
+                        dice, per_class = le.score(labels, truth, annotated)
+                        window = resolve_window(model.sparse3d, model, image.shape, config)
+                        le.append_result(out, {
+                            "task": task, "k": k, "seed": seed, "setting": name, "fields": CANDIDATES[name],
+                            "window": list(window), "dice": dice, "per_class": per_class, "seconds": seconds,
+                            "train_steps": args.train_steps, "version": RECORD_VERSION, "finite": bool(np.isfinite(dice)),
+                        })
+                        le.log(f"{task} k={k} seed {seed} {name}: window {window}, dice {dice:.4f} in {seconds:.1f} s")
                     reference = dice if reference is None else reference
                     rows[name].append((dice, dice - reference))
-                    continue
-                model = model or trained_model(image, instances, task, seed, args.train_steps)
-                t0 = time.perf_counter()
-                labels = predict(image, model, fields)
-                seconds = time.perf_counter() - t0
-                dice, per_class = le.score(labels, truth, annotated)
-                reference = dice if reference is None else reference
-                rows[name].append((dice, dice - reference))
-                record = {"task": task, "seed": seed, "setting": name, "fields": fields, "dice": dice,
-                          "per_class": per_class, "seconds": seconds, "train_steps": args.train_steps}
-                le.append_result(out, record)
-                le.log(f"{task} seed {seed} {name}: dice {dice:.4f} ({dice - reference:+.4f}) in {seconds:.1f} s")
     lines += [
         "## Dice of each setting on trained models",
         "",
-        f"Models: default recipe, {args.train_steps} training steps, 2 annotated slices per axis:"
-        f" {', '.join(measured)}; Dice outside the annotated slices;"
-        " change against the old default on the same model.",
+        f"Models: default recipe, {args.train_steps} training steps, {'/'.join(map(str, args.slices))} annotated"
+        f" slices per axis, {len(measured)} models ({', '.join(measured)}); Dice outside the annotated slices;"
+        f" change against the first setting on the same model.",
         "",
-        "| setting | mean Dice | mean change | worst change |",
-        "|---|---|---|---|",
+        "| setting | models | mean Dice | mean change | worst change | best change |",
+        "|---|---|---|---|---|---|",
     ]
     for name, values in rows.items():
+        if not values:
+            continue
         d = np.array(values)
-        lines.append(f"| {name} | {d[:, 0].mean():.4f} | {d[:, 1].mean():+.4f} | {d[:, 1].min():+.4f} |")
+        lines.append(f"| {name} | {len(d)} | {d[:, 0].mean():.4f} | {d[:, 1].mean():+.4f} | {d[:, 1].min():+.4f}"
+                     f" | {d[:, 1].max():+.4f} |")
     lines.append("")
 
 
@@ -154,7 +181,7 @@ def roofline(dtype: torch.dtype) -> float:
 def window_flops(model, window, channels_last: bool, dtype: torch.dtype) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, model.in_channels, *window)
+    x = torch.zeros(1, model.in_channels + model.prior_channels, *window)  # the network's input, prior included
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -187,9 +214,10 @@ def part_speed(args, image, instances, lines: list[str]) -> None:
         "| setting | window | windows | seconds | Mvox/s | network GFLOP/s | roofline fraction |",
         "|---|---|---|---|---|---|---|",
     ]
-    settings = {"**current default**": {}, **dict(CANDIDATES.items())}
-    for name, fields in settings.items():
-        cfg = PredictConfig(**{**PredictConfig().__dict__, **fields})
+    candidates = {"**current default**": {}, **{name: fields for i, (name, fields) in enumerate(CANDIDATES.items())
+                                                if args.settings is None or i in args.settings}}
+    for name, fields in candidates.items():
+        cfg = settings(fields, model, image.shape)
         if name != "**current default**" and cfg == PredictConfig():
             continue
         if cfg.mirror_tta and args.repeats > 1 and not args.time_mirrored:
@@ -221,8 +249,13 @@ def part_monai(args, image, instances, lines: list[str]) -> None:
         return list(predict_blocks(volume, model, device="cpu", config=cfg))
 
     def monai():
-        # what a MONAI user writes: normalise the whole volume, then slide over it
-        x = torch.from_numpy(info.normalization.apply(volume.read()))[None]
+        # what a MONAI user writes: normalise the whole volume, add the classifier's probabilities (the
+        # network's other input channels, the same function as ours), then slide over the whole
+        x = torch.from_numpy(info.normalization.apply(volume.read()))
+        if model.pixel_head is not None:
+            box = tuple(slice(0, s) for s in volume.spatial_shape)
+            x = torch.cat([x, prior(model.pixel_head, volume, info.normalization, box)])
+        x = x[None]
         net = model.to(memory_format=torch.contiguous_format).eval()
         with torch.inference_mode():
             logits = sliding_window_inference(x, patch, 8, net, overlap=0.5, mode="gaussian", sigma_scale=0.125)
@@ -267,6 +300,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["dice", "speed", "monai"], choices=["dice", "speed", "monai"])
     parser.add_argument("--tasks", nargs="+", default=list(le.TASKS), choices=le.TASKS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--slices", nargs="+", type=int, default=[2], help="dice: annotated slices per axis")
+    parser.add_argument("--settings", nargs="+", type=int, help="dice, speed: numbers of the CANDIDATES to measure (default all)")
     # steps, not seconds, so that a busy machine trains the same models: 400 steps are about 120 s of
     # training on a 2-core AVX-512 CPU without native bf16 (0.3 s a step)
     parser.add_argument("--train-steps", type=int, default=400)
@@ -279,7 +314,7 @@ def main() -> None:
     lines = [
         "# Whole-volume prediction",
         "",
-        f"Command: `python benchmarks/bench_prediction.py --parts {' '.join(args.parts)}` (torch {torch.__version__},"
+        f"Command: `python benchmarks/bench_prediction.py {' '.join(sys.argv[1:])}` (torch {torch.__version__},"
         f" {torch.get_num_threads()} threads; data: {source})",
         "",
     ]
@@ -290,7 +325,7 @@ def main() -> None:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and set(args.parts) != {"dice", "speed", "monai"}:
-        text = path.read_text().rstrip() + "\n\n" + "\n".join(lines[4:])  # a partial run adds its sections
+        text = path.read_text().rstrip() + "\n\n" + "\n".join(lines[2:])  # a partial run adds its command and sections
     path.write_text(text)
 
 

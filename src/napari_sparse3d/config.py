@@ -179,7 +179,9 @@ class PredictConfig:
     # average the 8 mirrorings of each window (nnU-Net does): 8x the compute of one pass
     mirror_tta: bool = False
     gaussian_sigma: float = 0.125  # of the window size, as in nnU-Net
-    # "auto": the training patch grown to about window_voxels; "patch": the training patch; or (z, y, x)
+    # "auto": the training patch grown to about window_voxels, then fitted to the volume's shape so that the
+    # windows cover it with the fewest computed voxels (engine/tiling.py, fit_window); "patch": the training
+    # patch; or (z, y, x), used as given
     window: Any = "auto"
     window_voxels: int = 2**18
     # largest output tile computed at once (memory: about 4 * (classes + 2) bytes a voxel)

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,52 @@ def test_class_argmax_is_torchs_argmax_with_the_first_class_winning_ties():
     smooth = torch.rand((3, 5, 6, 7), generator=generator)
     assert torch.equal(class_argmax(smooth), torch.argmax(smooth, dim=0))
 
+
+def _work(shape, window, overlap):
+    """Voxels the window grid computes: per axis, windows times window size."""
+    return int(np.prod([len(window_starts(s, w, overlap)) * w for s, w in zip(shape, window)]))
+
+
+def test_the_auto_window_is_fitted_to_the_volume_to_compute_fewer_voxels():
+    from napari_sparse3d.engine.tiling import fit_window
+
+    # the nuclei volume: 32x96x96 windows need 3x4x4 of them, 3.6 computed voxels per voxel
+    planned = plan_window((16, 48, 48), (4, 8, 8), (60, 256, 256), 2**18)
+    assert planned == (32, 96, 96) and _work((60, 256, 256), planned, 0.25) / (60 * 256 * 256) == pytest.approx(3.6)
+    fitted = fit_window(planned, (16, 48, 48), (4, 8, 8), (60, 256, 256), 0.25)
+    assert _work((60, 256, 256), fitted, 0.25) < 0.55 * _work((60, 256, 256), planned, 0.25)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        shape = tuple(int(v) for v in rng.integers(8, 700, 3))
+        patch, divisor = (16, 48, 48), (int(rng.choice([1, 2, 4])), 8, 8)
+        overlap = float(rng.choice([0.0, 0.25, 0.5]))
+        planned = plan_window(patch, divisor, shape, 2**18)
+        fitted = fit_window(planned, patch, divisor, shape, overlap)
+        assert _work(shape, fitted, overlap) <= _work(shape, planned, overlap)  # never more work
+        assert all(w % d == 0 for w, d in zip(fitted, divisor))
+        assert all(min(p, -(-s // d) * d) <= w <= -(-s // d) * d for w, p, s, d in zip(fitted, patch, shape, divisor))
+        assert 0.75 <= np.prod(fitted) / np.prod(planned) <= 1.5  # about the planned voxels
+        ratios = [f / p for f, p in zip(fitted, planned)]
+        assert max(ratios) <= 1.35 * min(ratios) + 1e-9  # about the planned proportions
+        for s, w in zip(shape, fitted):  # the grid still covers the axis with at least the overlap
+            starts = window_starts(s, w, overlap)
+            assert starts[0] == 0 and starts[-1] + w >= s
+            assert all(b - a <= w * (1 - overlap) + 1 for a, b in itertools.pairwise(starts))
+    # on a volume much larger than the window there is little to gain: about the planned window
+    big = fit_window((32, 96, 96), (16, 48, 48), (4, 8, 8), (2000, 4000, 4000), 0.25)
+    assert all(abs(b - p) <= 8 for b, p in zip(big, (32, 96, 96)))
+
+
+def test_only_the_auto_window_is_fitted():
+    model = _model(patch=(8, 16, 16), window="auto", window_voxels=16 * 32 * 32)
+    info = model.sparse3d
+    shape = (30, 70, 70)
+    planned = plan_window(info.patch_size, model.divisor, shape, 16 * 32 * 32)
+    auto = resolve_window(info, model, shape, info.config.predict)
+    assert auto != planned and _work(shape, auto, 0.5) < _work(shape, planned, 0.5)
+    from napari_sparse3d.config import PredictConfig
+
+    given = PredictConfig(**{**info.config.predict.__dict__, "window": planned})
+    assert resolve_window(info, model, shape, given) == planned  # an explicit window is used as given
+    patch = PredictConfig(**{**info.config.predict.__dict__, "window": "patch"})
+    assert resolve_window(info, model, shape, patch) == (8, 16, 16)

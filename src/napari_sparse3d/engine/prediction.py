@@ -6,7 +6,9 @@ that window borders, where context is missing, count less.  The prediction
 window is not the training patch: a fully convolutional network can take a
 larger one, which needs fewer, larger forward passes and less overlap
 (:func:`plan_window`; instance normalisation then takes its statistics over
-the larger window, which ``benchmarks/bench_prediction.py`` measures).
+the larger window, which ``benchmarks/bench_prediction.py`` measures), and
+fitted to the volume's shape so that its grid wastes few voxels
+(:func:`~napari_sparse3d.engine.tiling.fit_window`).
 
 The volume is cut into *tiles*: boxes whose faces lie on the output's chunk
 grid (so each output chunk is written once, whole) and whose size is bounded
@@ -47,7 +49,7 @@ from napari_sparse3d.engine.model import UNet3D
 from napari_sparse3d.engine.pixel_head import prior
 from napari_sparse3d.engine.preprocess import Normalization, plan_window
 from napari_sparse3d.engine.resample import ResampledVolume, labels_on_grid, model_grid, probability_buffer
-from napari_sparse3d.engine.tiling import WindowGrid, gaussian_importance, plan_tiles, window_starts
+from napari_sparse3d.engine.tiling import WindowGrid, fit_window, gaussian_importance, plan_tiles, window_starts
 from napari_sparse3d.engine.trained import ModelInfo, model_info, require_trained
 from napari_sparse3d.engine.volume import Box, VolumeLike, box3, check_finite, int3
 
@@ -119,8 +121,9 @@ def resolve_window(info: ModelInfo, model: torch.nn.Module, shape: Sequence[int]
     divisor = tuple(model.divisor)
     if config.window == "patch":
         return int3(info.patch_size)
-    if config.window == "auto":
-        return plan_window(info.patch_size, divisor, shape, config.window_voxels)
+    if config.window == "auto":  # the patch grown to about window_voxels, then fitted to the volume's shape
+        planned = plan_window(info.patch_size, divisor, shape, config.window_voxels)
+        return fit_window(planned, info.patch_size, divisor, shape, config.overlap)
     window = int3(config.window)
     bad = [w for w, d in zip(window, divisor) if w % d]
     if bad:

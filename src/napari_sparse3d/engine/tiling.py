@@ -8,6 +8,7 @@ single-process path plan the same windows and tiles from the same code.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from napari_sparse3d.engine.preprocess import round_up
 from napari_sparse3d.engine.volume import Box, box3
 
-__all__ = ["WindowGrid", "gaussian_importance", "plan_tiles", "window_starts"]
+__all__ = ["WindowGrid", "fit_window", "gaussian_importance", "plan_tiles", "window_starts"]
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -25,6 +26,56 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     step = max(1.0, window * (1.0 - overlap))
     count = int(np.ceil((size - window) / step)) + 1
     return sorted({int(round(v)) for v in np.linspace(0, size - window, count)})
+
+
+def fit_window(
+    window: Sequence[int],
+    patch: Sequence[int],
+    divisor: Sequence[int],
+    shape: Sequence[int],
+    overlap: float,
+    *,
+    grow: float = 1.5,
+    shrink: float = 0.75,
+    aspect: float = 1.35,
+    slack: float = 1.02,
+) -> tuple[int, int, int]:
+    """The window near ``window`` whose grid covers ``shape`` with the fewest computed voxels.
+
+    Along an axis of ``L`` voxels, ``n`` windows of ``w`` voxels (evenly spread, overlapping by at
+    least ``overlap``: :func:`window_starts`) compute ``n * w`` voxels, and the grid multiplies that
+    over the axes.  A window planned from the training patch alone can waste much of it on a small
+    volume: 32x96x96 windows on a 60x256x256 volume need 3x4x4 windows, 3.6 computed voxels per
+    voxel; 36x104x104 windows need 2x3x3, 1.8.  On a large volume the choice hardly matters and the
+    window stays as it was.
+
+    Sides stay multiples of ``divisor``, at least the patch (or the volume) and at most the volume
+    rounded up.  The window keeps between ``shrink`` and ``grow`` times the voxels of ``window``
+    (instance normalisation takes its statistics over it), and its sides' ratios to ``window``'s
+    differ by at most ``aspect``.  Among the windows within ``slack`` of the least work, the one
+    nearest ``window`` is chosen.
+    """
+    window, shape = [int(w) for w in window], [int(s) for s in shape]
+    per_axis = []
+    for w0, p, d, size in zip(window, patch, divisor, shape):
+        d = max(int(d), 1)
+        top = -(-size // d) * d
+        low = max(d, min(int(p), top), math.ceil(w0 * shrink / d) * d)
+        high = min(top, 2 * w0)
+        best_of_count: dict[int, int] = {}
+        for w in range(low, high + 1, d):  # per count of windows, its smallest window: the least work
+            best_of_count.setdefault(len(window_starts(size, w, overlap)), w)
+        per_axis.append(sorted({w0, *best_of_count.values()}))
+    volume0 = math.prod(window)
+    chosen: list[tuple[int, float, tuple[int, int, int]]] = []
+    for sides in itertools.product(*per_axis):
+        ratios = [w / w0 for w, w0 in zip(sides, window)]
+        if not shrink * volume0 <= math.prod(sides) <= grow * volume0 or max(ratios) > aspect * min(ratios):
+            continue
+        work = math.prod(len(window_starts(s, w, overlap)) * w for s, w in zip(shape, sides))
+        chosen.append((work, sum(abs(math.log(r)) for r in ratios), (sides[0], sides[1], sides[2])))
+    least = min(work for work, _, _ in chosen)  # the window itself always qualifies
+    return min((c for c in chosen if c[0] <= slack * least), key=lambda c: c[1])[2]
 
 
 def _gaussian_1d(width: int, sigma_fraction: float) -> np.ndarray:
