@@ -282,6 +282,18 @@ def test_the_auto_window_is_fitted_to_the_volume_to_compute_fewer_voxels():
     assert all(abs(b - p) <= 8 for b, p in zip(big, (32, 96, 96)))
 
 
+def test_fitting_the_window_is_a_bounded_search_on_any_axis(monkeypatch):
+    """A network without pooling (stride 1) on a long axis must not try every window length."""
+    from napari_sparse3d.engine import tiling
+
+    calls = []
+    real = tiling.window_starts
+    monkeypatch.setattr(tiling, "window_starts", lambda *a: (calls.append(a), real(*a))[1])
+    fitted = tiling.fit_window((1, 512, 512), (1, 64, 64), (1, 1, 1), (1, 100_000, 100_000), 0.5)
+    assert len(calls) <= 3 * 2 * (tiling._FIT_CANDIDATES + 2)
+    assert _work((1, 100_000, 100_000), fitted, 0.5) <= _work((1, 100_000, 100_000), (1, 512, 512), 0.5)
+
+
 def test_only_the_auto_window_is_fitted():
     model = _model(patch=(8, 16, 16), window="auto", window_voxels=16 * 32 * 32)
     info = model.sparse3d

@@ -28,6 +28,9 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, size - window, count)})
 
 
+_FIT_CANDIDATES = 32  # window sides tried per axis, at most
+
+
 def fit_window(
     window: Sequence[int],
     patch: Sequence[int],
@@ -56,23 +59,24 @@ def fit_window(
     nearest ``window`` is chosen.
     """
     window, shape = [int(w) for w in window], [int(s) for s in shape]
-    per_axis = []
+    per_axis: list[dict[int, int]] = []  # per axis: candidate side -> voxels its windows compute along the axis
     for w0, p, d, size in zip(window, patch, divisor, shape):
         d = max(int(d), 1)
         top = -(-size // d) * d
         low = max(d, min(int(p), top), math.ceil(w0 * shrink / d) * d)
         high = min(top, 2 * w0)
+        step = d * max(1, -(-(high - low) // (_FIT_CANDIDATES * d)))  # a bounded search on any axis
         best_of_count: dict[int, int] = {}
-        for w in range(low, high + 1, d):  # per count of windows, its smallest window: the least work
+        for w in range(low, high + 1, step):  # per count of windows, its smallest window: the least work
             best_of_count.setdefault(len(window_starts(size, w, overlap)), w)
-        per_axis.append(sorted({w0, *best_of_count.values()}))
+        per_axis.append({w: len(window_starts(size, w, overlap)) * w for w in {w0, *best_of_count.values()}})
     volume0 = math.prod(window)
     chosen: list[tuple[int, float, tuple[int, int, int]]] = []
     for sides in itertools.product(*per_axis):
         ratios = [w / w0 for w, w0 in zip(sides, window)]
         if not shrink * volume0 <= math.prod(sides) <= grow * volume0 or max(ratios) > aspect * min(ratios):
             continue
-        work = math.prod(len(window_starts(s, w, overlap)) * w for s, w in zip(shape, sides))
+        work = math.prod(along[w] for along, w in zip(per_axis, sides))
         chosen.append((work, sum(abs(math.log(r)) for r in ratios), (sides[0], sides[1], sides[2])))
     least = min(work for work, _, _ in chosen)  # the window itself always qualifies
     return min((c for c in chosen if c[0] <= slack * least), key=lambda c: c[1])[2]
