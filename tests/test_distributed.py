@@ -151,3 +151,24 @@ def test_bad_inputs_are_refused_before_any_work(client, volume_and_model, tmp_pa
         predict_distributed(path, model, tmp_path / "a.zarr", client=client, tile_voxels=0)
     with pytest.raises(ValueError, match="is .* the input"):
         predict_distributed(path, model, path, client=client, overwrite=True)
+
+
+def test_each_run_ships_its_model_under_keys_of_its_own(client, volume_and_model, tmp_path, monkeypatch):
+    """Two runs on one cluster (two users, or a run resumed after an interrupted one) must not share
+    the keys of their scattered networks: releasing one run's keys would lose the other's data, and
+    two different models would overwrite each other."""
+    path, model = volume_and_model
+    keys = []
+    real = client.scatter
+
+    def scatter(data, **kwargs):
+        futures = real(data, **kwargs)
+        keys.append({f.key for f in (futures.values() if isinstance(futures, dict) else futures)})
+        return futures
+
+    monkeypatch.setattr(client, "scatter", scatter)
+    for name in ("a.zarr", "b.zarr"):
+        predict_distributed(path, model, tmp_path / name, client=client, tile_voxels=TILE)
+    assert len(keys) == 2 and all(keys)
+    assert not keys[0] & keys[1]
+    assert not {"state_dict", "info", "format_version"} & (keys[0] | keys[1])

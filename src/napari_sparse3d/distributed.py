@@ -229,7 +229,10 @@ def predict_distributed(
     if pending:
         from distributed import as_completed
 
-        shared = client.scatter(payload, broadcast=True)  # every worker gets the network once
+        # every worker gets the network once, under a key of this run's own: a dict scattered as it is
+        # becomes one future per entry, keyed by the entry's name ("state_dict", "info"), which another
+        # run on the same cluster shares, and releases under this one (CI saw "lost dependencies")
+        (shared,) = client.scatter([payload], broadcast=True, hash=False)
         futures = client.map(_run_tile, pending, [tiles[i] for i in pending], job=job, payload=shared, pure=False)
         try:
             for finished in as_completed(futures):
