@@ -62,7 +62,7 @@ def fit_window(
     per_axis: list[dict[int, int]] = []  # per axis: candidate side -> voxels its windows compute along the axis
     for w0, p, d, size in zip(window, patch, divisor, shape):
         d = max(int(d), 1)
-        top = -(-size // d) * d
+        top = round_up(size, d)
         low = max(d, min(int(p), top), math.ceil(w0 * shrink / d) * d)
         high = min(top, 2 * w0)
         step = d * max(1, -(-(high - low) // (_FIT_CANDIDATES * d)))  # a bounded search on any axis
