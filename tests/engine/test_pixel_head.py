@@ -59,7 +59,7 @@ def test_a_block_read_with_its_halo_has_the_responses_of_the_whole_volume():
     sigmas = scaled_sigmas((2.0, 1.0, 1.0))
     assert sigmas[:, 0].max() < sigmas[:, 1].max()  # the coarse axis is smoothed less
     whole = filter_bank(image, sigmas)
-    assert whole.shape == (20, 30, 70, 64) and torch.isfinite(whole).all()
+    assert whole.shape == (5 * len(sigmas), 30, 70, 64) and torch.isfinite(whole).all()
     box = (slice(5, 20), slice(10, 50), slice(30, 64))  # touches the volume's end in x
     grown, inner = grow(box, halo(sigmas), image.shape[1:])
     part = filter_bank(image[(slice(None), *grown)], sigmas)[(slice(None), *inner)]
@@ -99,7 +99,7 @@ def test_the_classifier_learns_from_two_slices_in_a_few_hundred_steps():
     uniform = prior(head, volume, norm, (slice(0, 24), slice(0, 48), slice(0, 48)))
     torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 3))  # not fitted yet
     x, y = training_samples(head, [(volume, norm, target)], seed=0)
-    assert x.shape == (int((target >= 0).sum()), 20) and sorted(y.unique().tolist()) == [0, 1, 2]
+    assert x.shape == (int((target >= 0).sum()), head.mean.numel()) and sorted(y.unique().tolist()) == [0, 1, 2]
     head.fit(x, y, seed=0, steps=300)
     probs = probability_map(head, volume, norm)
     assert probs.dtype == np.float16 and probs.shape == (3, *truth.shape)
@@ -124,10 +124,11 @@ def test_the_probabilities_are_the_standardised_perceptron_over_every_voxel(monk
         buffer = getattr(head, name)
         buffer.copy_(torch.randn(buffer.shape, generator=generator) / buffer.shape[-1] ** 0.5)
     image = torch.randn((1, 9, 21, 23), generator=generator)  # 4347 voxels: four full chunks and a short one
-    feats = filter_bank(image, head.sigmas.numpy()).reshape(20, -1)
+    feats = filter_bank(image, head.sigmas.numpy()).reshape(head.mean.numel(), -1)
     head.mean.copy_(feats.mean(1) + 0.3)  # off-centre and scaled, as fitted statistics are on other voxels
     head.std.copy_(feats.std(1) * 1.7)
     head.fitted.fill_(1.0)
+    head.b3.sub_(head.probabilities(image).log().mean((1, 2, 3)))  # random weights favour a class: even them out
     standardised = (feats - head.mean[:, None]) / head.std[:, None]
     expected = head.logits(standardised.T).softmax(1).T.reshape(3, 9, 21, 23)
     ours = head.probabilities(image)
@@ -244,3 +245,24 @@ def test_non_finite_features_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="NaN or infinite"):
         head.fit(x, torch.zeros(10, dtype=torch.int64), seed=0)
     assert not bool(head.fitted)
+
+
+def test_a_checkpoint_with_hostile_classifier_scales_is_refused(small_volume):
+    """The scales set every block's margin and kernel: NaN failed deep in numpy and 1e6 turned a
+    second's prediction into minutes, so a checkpoint's scales are checked when it loads."""
+    image, labels, truth, slices = small_volume
+    trainer = Trainer.from_inputs(image, labels, slices, config=_config(), device="cpu", seed=0)
+    scales = trainer.model.pixel_head.sigmas
+    assert from_payload(to_payload(trainer.model, where="memory", package_version="t"), where="ok.pt") is not None
+    for bad in (torch.full_like(scales, 1e6), torch.full_like(scales, float("nan")), -scales, torch.zeros_like(scales)):
+        payload = to_payload(trainer.model, where="memory", package_version="t")
+        payload["state_dict"]["pixel_head.sigmas"] = bad
+        with pytest.raises(ValueError, match=r"bad\.pt.*pixel_head\.sigmas must be finite scales"):
+            from_payload(payload, where="bad.pt")
+
+
+def test_the_classifier_takes_explicit_scales_and_checks_them():
+    head = PixelClassifier(1, 2, sigmas=scaled_sigmas(None, (1.0, 2.0)))
+    assert head.sigmas.shape == (2, 3) and head.mean.numel() == 10 and head.halo == (8, 8, 8)
+    with pytest.raises(ValueError, match=r"shape \(scales, 3\)"):
+        PixelClassifier(1, 2, sigmas=np.ones((2, 2)))

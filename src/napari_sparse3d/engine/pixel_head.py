@@ -30,7 +30,7 @@ from torch import nn
 
 from napari_sparse3d.engine.features import block_boxes, feature_count, filter_bank, grow, halo, scaled_sigmas
 
-__all__ = ["AS_IS", "PixelClassifier", "WithPrior", "prior", "probability_map", "training_samples"]
+__all__ = ["AS_IS", "PixelClassifier", "WithPrior", "checked_sigmas", "prior", "probability_map", "training_samples"]
 
 HIDDEN = 64
 FIT_STEPS = 600  # measured: 4-5 s on two CPU cores, within 0.002 Dice of 1000 steps on the nuclei benchmark
@@ -39,15 +39,30 @@ MAX_SAMPLES = 1_000_000  # annotated voxels kept for the fit (a random subset be
 BLOCK_VOXELS = 1 << 21  # voxels per block of the filter bank (about 170 MB of responses per image channel)
 PRIOR_BLOCK_VOXELS = 1 << 23  # the same for a prediction tile's input (benchmarks/bench_prior_memory.py)
 MLP_CHUNK = 1 << 14  # voxels per pass of the perceptron on the CPU (its hidden activations: 4 MB, in cache)
+MAX_SIGMA = 64.0  # voxels: a checkpoint's scale beyond it would make every block's margin and kernel absurd
+
+
+def checked_sigmas(sigmas: Any) -> np.ndarray:
+    """A checkpoint's ``pixel_head.sigmas`` as ``(scales, 3)`` float32, or a ``ValueError`` saying what is wrong."""
+    array = np.asarray(sigmas.detach().cpu().numpy() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 3 or not 1 <= array.shape[0] <= 16:
+        raise ValueError(f"pixel_head.sigmas must have shape (scales, 3) with 1 to 16 scales, got {array.shape}")
+    if not (np.isfinite(array).all() and (array > 0).all() and (array <= MAX_SIGMA).all()):
+        raise ValueError(f"pixel_head.sigmas must be finite scales in (0, {MAX_SIGMA:g}] voxels, got {array.tolist()}")
+    return array.astype(np.float32)
 
 
 class PixelClassifier(nn.Module):
     """Filter bank + perceptron from ``in_channels`` image channels to ``num_classes`` probabilities."""
 
-    def __init__(self, in_channels: int, num_classes: int, spacing: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, spacing: Sequence[float] | None = None, *, sigmas: Any = None
+    ) -> None:
+        """``sigmas``: ``(scales, 3)`` per-axis scales in voxels (a checkpoint's); by default the bank's
+        scales (:data:`~napari_sparse3d.engine.features.SIGMAS`) at ``spacing``."""
         super().__init__()
         self.num_classes = num_classes
-        sigmas = scaled_sigmas(spacing)
+        sigmas = scaled_sigmas(spacing) if sigmas is None else checked_sigmas(sigmas)
         n = feature_count(in_channels, len(sigmas))
         self.register_buffer("sigmas", torch.from_numpy(sigmas))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.float32))

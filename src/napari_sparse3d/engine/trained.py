@@ -25,6 +25,7 @@ from torch import nn
 
 from napari_sparse3d.config import Config
 from napari_sparse3d.engine.model import UNet3D, build_model
+from napari_sparse3d.engine.pixel_head import checked_sigmas
 from napari_sparse3d.engine.preprocess import Normalization
 from napari_sparse3d.engine.volume import check_spacing, int3
 
@@ -200,6 +201,8 @@ def from_payload(payload: Any, *, where: str) -> UNet3D:
         info = ModelInfo.from_dict(payload["info"])
         model = build_model(info.in_channels, len(info.class_values), info.config.model, info.spacing)
         model.load_state_dict(state)
+        if model.pixel_head is not None:  # its scales set every block's margin and kernel: refuse absurd ones
+            checked_sigmas(model.pixel_head.sigmas)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         # a checkpoint from elsewhere is untrusted input: say what is wrong, not where torch noticed it
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
