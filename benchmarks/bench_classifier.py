@@ -18,6 +18,8 @@ the classifier (annotated, minus the validation share) are kept.  Each variant i
 then fitted on exactly those voxels: ``engine`` is the shipped
 :meth:`PixelClassifier.fit`; the others change one thing (learning rate, schedule,
 steps; see ``VARIANTS``), and ``forest`` is a random forest on the same responses.
+A variant of ``SCALES`` is the engine's fit on a filter bank at other scales, fitted on
+the same training voxels and scored on that bank's responses.
 Dice is the mean over foreground classes of the argmax.
 
     python benchmarks/bench_classifier.py --volumes nuclei3 cells3 --slices 1 2 3 --seeds 0 1 2 3 4 \\
@@ -41,7 +43,7 @@ from torch import nn
 
 import label_efficiency as le
 from napari_sparse3d.engine import pixel_head
-from napari_sparse3d.engine.features import filter_bank
+from napari_sparse3d.engine.features import filter_bank, scaled_sigmas
 from napari_sparse3d.engine.training import Trainer
 from napari_sparse3d.engine.volume import as_volume
 from napari_sparse3d.sample_data import make_cells, make_organ, make_vessels
@@ -57,6 +59,9 @@ VARIANTS = {
     "cosine-2e-2-300": dict(lr=2e-2, cosine=True, steps=300),
     "constant-3e-3-1500": dict(lr=3e-3, cosine=False, steps=1500),
 }
+
+#: Another filter bank: the engine's fit on responses at these scales (voxels of the finest axis).
+SCALES = {"scales-1-16": (1.0, 2.0, 4.0, 8.0, 16.0)}
 
 
 def volumes(names):
@@ -92,13 +97,13 @@ def training_voxels(image, sparse, slices, spacing, seed):
     return trainer, kept["x"], kept["y"]
 
 
-def responses(trainer, image) -> torch.Tensor:
+def responses(trainer, image, sigmas=None) -> torch.Tensor:
     """``(voxels, features)`` of ``image``, normalised as the trainer normalises a new volume."""
     volume = as_volume(image)
     norm = trainer.normalization.for_volume(volume)
     block = torch.from_numpy(np.ascontiguousarray(norm.apply(volume.read((slice(None),) * 3)), dtype=np.float32))
     with torch.no_grad():
-        bank = filter_bank(block, trainer.model.pixel_head.sigmas.numpy())
+        bank = filter_bank(block, trainer.model.pixel_head.sigmas.numpy() if sigmas is None else sigmas)
     return bank.reshape(bank.shape[0], -1).T.contiguous()
 
 
@@ -120,6 +125,17 @@ def fit_variant(x, y, classes, seed, *, lr, cosine, steps=pixel_head.FIT_STEPS):
         if schedule is not None:
             schedule.step()
     return lambda f: net((f - mean) / std)
+
+
+def other_bank(variant, trainer, seed):
+    """The engine's classifier at the scales of ``variant``, fitted on the trainer's training voxels."""
+    spacing = trainer.spacing
+    head = pixel_head.PixelClassifier(trainer.volume.channels, len(trainer.class_values),
+                                      sigmas=scaled_sigmas(spacing, SCALES[variant]))
+    data = trainer.data
+    head.fit(*pixel_head.training_samples(head, list(zip(data.volumes, data.normalizations, data.training_targets)),
+                                          seed=seed), seed=seed)
+    return head
 
 
 def fitted(variant, trainer, x, y, seed):
@@ -157,7 +173,7 @@ def main(argv=None) -> None:
     p.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=VOLUMES)
     p.add_argument("--slices", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--variants", nargs="+", default=["engine", "cosine-2e-2"], choices=["engine", "forest", *VARIANTS])
+    p.add_argument("--variants", nargs="+", default=["engine", "cosine-2e-2"], choices=["engine", "forest", *VARIANTS, *SCALES])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -174,10 +190,19 @@ def main(argv=None) -> None:
                     scores_new = mode == "transfer" or not left_half  # nuclei: the right half is new only then
                     if mode not in banks:
                         banks[mode] = (responses(trainer, im), responses(trainer, new_image) if scores_new else None)
-                    own, new = banks[mode]
                     for variant in args.variants:
                         t0 = time.perf_counter()
-                        logits = fitted(variant, trainer, x, y, seed)
+                        if variant in SCALES:  # its own filter bank: its own responses of both volumes
+                            head = other_bank(variant, trainer, seed)
+                            sigmas = head.sigmas.numpy()
+                            if (mode, variant) not in banks:
+                                banks[mode, variant] = (responses(trainer, im, sigmas),
+                                                        responses(trainer, new_image, sigmas) if scores_new else None)
+                            own, new = banks[mode, variant]
+                            logits = lambda f, head=head: head.logits((f - head.mean) / head.std)
+                        else:
+                            own, new = banks[mode]
+                            logits = fitted(variant, trainer, x, y, seed)
                         record = dict(volume=name, mode=mode, slices=k, seed=seed, variant=variant,
                                       voxels=int(len(y)), fit_seconds=round(time.perf_counter() - t0, 2))
                         if scores_new:
