@@ -65,6 +65,11 @@ def _edited(trained, tmp_path, edit):
         (lambda p: p["state_dict"].pop(next(iter(p["state_dict"]))), "does not describe a valid network .RuntimeError"),
         (lambda p: p.update(format_version="1"), "format_version must be an integer"),
         (lambda p: p.update(format="something else"), "is not a napari-sparse3d checkpoint"),
+        # each of these loaded before and then predicted one class only, or failed deep in numpy
+        (lambda p: p["info"].update(class_values=[0, 0]), "class_values must be at least two different label values"),
+        (lambda p: p["info"].update(patch_size=[0, 16, 16]), r"patch_size must be three positive sizes .* \[0, 16, 16\]"),
+        (lambda p: p["info"].update(patch_size=[p["info"]["patch_size"][0], p["info"]["patch_size"][1] + 1, 16]),
+         "must be a multiple of the network's stride"),
     ],
 )
 def test_malformed_checkpoints_get_a_clear_error(trained, tmp_path, edit, message):

@@ -100,11 +100,18 @@ class ModelInfo:
         if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
             # networks saved before the pixel classifier existed have none
             raw["model"].setdefault("pixel_classifier", False)
+        class_values = [int(v) for v in data["class_values"]]
+        if len(class_values) < 2 or len(set(class_values)) != len(class_values):
+            # a network has one output per class: repeated values would make some outputs unreachable
+            raise ValueError(f"class_values must be at least two different label values, got {class_values}")
+        patch_size = int3(data["patch_size"])
+        if min(patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive sizes (z, y, x), got {list(patch_size)}")
         return cls(
             config=Config.from_dict(raw),
-            class_values=[int(v) for v in data["class_values"]],
+            class_values=class_values,
             normalization=Normalization.from_dict(data["normalization"]),
-            patch_size=int3(data["patch_size"]),
+            patch_size=patch_size,
             spacing=check_spacing(data["spacing"]),
             in_channels=int(data["in_channels"]),
             history=list(data.get("history", [])),
@@ -201,6 +208,8 @@ def from_payload(payload: Any, *, where: str) -> UNet3D:
         info = ModelInfo.from_dict(payload["info"])
         model = build_model(info.in_channels, len(info.class_values), info.config.model, info.spacing)
         model.load_state_dict(state)
+        if any(p % d for p, d in zip(info.patch_size, model.divisor)):
+            raise ValueError(f"patch_size {list(info.patch_size)} must be a multiple of the network's stride {model.divisor}")
         if model.pixel_head is not None:  # its scales set every block's margin and kernel: refuse absurd ones
             checked_sigmas(model.pixel_head.sigmas)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
