@@ -89,12 +89,16 @@ def _blobs(seed=0, shape=(24, 48, 48)):
     return image.astype(np.float32), truth
 
 
-def test_the_classifier_learns_from_two_slices_in_a_few_hundred_steps():
+def _annotated_blobs():
+    """The blobs, annotated on slices 8 and 16 (class index per voxel, -1 elsewhere)."""
     image, truth = _blobs()
-    volume = as_volume(image)
-    norm = Normalization((0.0,), (1.0,), (0.0,), (1.0,))
     target = np.full(truth.shape, -1, np.int64)
     target[[8, 16]] = truth[[8, 16]]
+    return image, truth, as_volume(image), Normalization((0.0,), (1.0,), (0.0,), (1.0,)), target
+
+
+def test_the_classifier_learns_from_two_slices_in_a_few_hundred_steps():
+    image, truth, volume, norm, target = _annotated_blobs()
     head = PixelClassifier(1, 3)
     uniform = prior(head, volume, norm, (slice(0, 24), slice(0, 48), slice(0, 48)))
     torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 3))  # not fitted yet
@@ -128,8 +132,11 @@ def test_the_probabilities_are_the_standardised_perceptron_over_every_voxel(monk
     head.mean.copy_(feats.mean(1) + 0.3)  # off-centre and scaled, as fitted statistics are on other voxels
     head.std.copy_(feats.std(1) * 1.7)
     head.fitted.fill_(1.0)
-    head.b3.sub_(head.probabilities(image).log().mean((1, 2, 3)))  # random weights favour a class: even them out
     standardised = (feats - head.mean[:, None]) / head.std[:, None]
+    for m in range(head.members):  # random weights favour a class: even each member out
+        h = torch.relu(standardised.T @ head.w1[m].T + head.b1[m])
+        h = torch.relu(h @ head.w2[m].T + head.b2[m])
+        head.b3[m] -= (h @ head.w3[m].T + head.b3[m]).log_softmax(1).mean(0)
     expected = head.logits(standardised.T).softmax(1).T.reshape(3, 9, 21, 23)
     ours = head.probabilities(image)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
@@ -266,3 +273,62 @@ def test_the_classifier_takes_explicit_scales_and_checks_them():
     assert head.sigmas.shape == (2, 3) and head.mean.numel() == 10 and head.halo == (8, 8, 8)
     with pytest.raises(ValueError, match=r"shape \(scales, 3\)"):
         PixelClassifier(1, 2, sigmas=np.ones((2, 2)))
+
+
+def test_the_classifier_is_a_bag_of_perceptrons_fitted_on_bootstrap_samples():
+    image, truth, volume, norm, target = _annotated_blobs()
+    head = PixelClassifier(1, 3)
+    x, y = training_samples(head, [(volume, norm, target)], seed=0)
+    state = torch.random.get_rng_state()
+    head.fit(x, y, seed=0, steps=100)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    assert head.members >= 2 and all(bool(torch.isfinite(getattr(head, n)).all()) for n in ("w1", "w2", "w3"))
+    assert not torch.allclose(head.w1[0], head.w1[1])  # each learnt from its own sample
+    # the classifier's probabilities are the members' mean
+    z = (x[:500] - head.mean) / head.std
+    members = []
+    for m in range(head.members):
+        h = torch.relu(z @ head.w1[m].T + head.b1[m])
+        h = torch.relu(h @ head.w2[m].T + head.b2[m])
+        members.append((h @ head.w3[m].T + head.b3[m]).softmax(1))
+    torch.testing.assert_close(head.class_probabilities(z), torch.stack(members).mean(0), atol=1e-5, rtol=1e-4)
+    again = PixelClassifier(1, 3)
+    again.fit(x, y, seed=0, steps=100)
+    assert torch.equal(again.w1, head.w1)  # seeded: the same bag
+
+
+def test_a_checkpoint_with_one_perceptron_loads_as_a_bag_of_one():
+    """Checkpoints of earlier versions hold a single perceptron (2-D weights)."""
+    image, truth, volume, norm, target = _annotated_blobs()
+    bag = PixelClassifier(1, 3)
+    bag.fit(*training_samples(bag, [(volume, norm, target)], seed=0), seed=0, steps=100)
+    earlier = {k: (v[0] if k in ("w1", "b1", "w2", "b2", "w3", "b3") else v) for k, v in bag.state_dict().items()}
+    assert earlier["w1"].dim() == 2
+    one = PixelClassifier(1, 3)
+    one.load_state_dict(earlier)
+    assert one.members == 1
+    probs = one.probabilities(torch.from_numpy(image)[None])
+    z = ((filter_bank(torch.from_numpy(image)[None], one.sigmas.numpy()).reshape(one.mean.numel(), -1).T - one.mean)
+         / one.std)
+    h = torch.relu(z @ earlier["w1"].T + earlier["b1"])
+    h = torch.relu(h @ earlier["w2"].T + earlier["b2"])
+    expected = (h @ earlier["w3"].T + earlier["b3"]).softmax(1).T.reshape(probs.shape)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+    # and a bag of another size takes that size
+    two = {k: (v[:2] if k in ("w1", "b1", "w2", "b2", "w3", "b3") else v) for k, v in bag.state_dict().items()}
+    other = PixelClassifier(1, 3)
+    other.load_state_dict(two)
+    assert other.members == 2
+
+
+def test_a_format_2_checkpoint_loads_with_its_single_perceptron(small_volume):
+    image, labels, truth, slices = small_volume
+    trainer = Trainer.from_inputs(image, labels, slices, config=_config(), device="cpu", seed=0)
+    payload = to_payload(trainer.model, where="memory", package_version="0.1")
+    names = [f"pixel_head.{n}" for n in ("w1", "b1", "w2", "b2", "w3", "b3")]
+    payload["state_dict"].update({n: payload["state_dict"][n][0] for n in names})  # what version 2 wrote
+    payload["format_version"] = 2
+    loaded = from_payload(payload, where="v2.pt")
+    assert loaded.pixel_head.members == 1 and bool(loaded.pixel_head.fitted)
+    predicted, _ = predict_volume(as_volume(image), loaded, device="cpu")
+    assert predicted.shape == truth.shape

@@ -44,7 +44,8 @@ __all__ = [
 
 FORMAT = "napari-sparse3d-checkpoint"
 # 2: networks may carry a pixel classifier (model.pixel_classifier); version 1 files load without one
-FORMAT_VERSION = 2
+# 3: the classifier is a bag of perceptrons (3-D weights); version 2 files load as a bag of one
+FORMAT_VERSION = 3
 
 #: Entries of the per-step history kept in a checkpoint or manifest (and in a Trainer's memory).
 HISTORY_LIMIT = 1000
