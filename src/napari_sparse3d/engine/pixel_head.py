@@ -4,7 +4,8 @@ On the CPU an ilastik-style pixel classifier (generic multiscale filters, a
 classifier per voxel) learns from a few annotated slices in seconds, while a
 3D U-Net needs minutes.  :class:`PixelClassifier` is such a classifier, small
 and in torch: the filter bank of :mod:`napari_sparse3d.engine.features`,
-standardised, then a two-layer perceptron.  It is fitted on the annotated
+standardised, then a bag of small perceptrons (each fitted on its own bootstrap
+sample, their probabilities averaged, as a forest averages its trees).  It is fitted on the annotated
 voxels that train (never the held-out ones) before the network's first step,
 and its class probabilities become extra input channels of the U-Net, whose
 output is added to their logarithm (:class:`~napari_sparse3d.engine.model.UNet3D`):
@@ -55,7 +56,7 @@ def checked_sigmas(sigmas: Any) -> np.ndarray:
 
 
 class PixelClassifier(nn.Module):
-    """Filter bank + perceptron from ``in_channels`` image channels to ``num_classes`` probabilities."""
+    """Filter bank + a bag of perceptrons from ``in_channels`` image channels to ``num_classes`` probabilities."""
 
     def __init__(
         self, in_channels: int, num_classes: int, spacing: Sequence[float] | None = None, *, sigmas: Any = None
