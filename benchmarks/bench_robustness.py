@@ -16,10 +16,11 @@ of 60 steps (1-2 slices, seeds 0-2) stopped with "training diverged".
 
     python benchmarks/bench_robustness.py [--precision auto bf16] [--iterations 100]
 
-Each run is appended to ``benchmarks/results/robustness.jsonl`` as it finishes;
+Each run is appended to ``benchmarks/results/robustness<tag>.jsonl`` as it finishes;
 runs already there are not repeated (so several invocations, e.g. one per
-precision, can share the work), and ``benchmarks/results/robustness.md`` (also
-printed) is made from all the records of the requested settings.
+precision, can share the work), and ``benchmarks/results/robustness<tag>.md`` (also
+printed) is made from all the records of the requested settings.  ``--tag`` keeps
+another engine's runs apart (``--tag _bag``: the engine with the bagged classifier).
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def main() -> None:
     parser.add_argument("--slices", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--out", default=str(le.RESULTS_DIR / "robustness.md"))
+    parser.add_argument("--out", default=None, help="the table (default: results/robustness<tag>.md)")
+    parser.add_argument("--tag", default="", help="suffix of the records and table files (another engine's runs)")
     parser.add_argument("--table-only", action="store_true", help="only make the table from the records")
     args = parser.parse_args()
-    records_path = le.RESULTS_DIR / "robustness.jsonl"
+    records_path = le.RESULTS_DIR / f"robustness{args.tag}.jsonl"
+    args.out = args.out or str(le.RESULTS_DIR / f"robustness{args.tag}.md")
     done = {}
     for r in le.read_results(records_path):
         if r.get("iterations") == args.iterations:
@@ -84,7 +87,8 @@ def main() -> None:
         "# Robustness: short runs of the default recipe",
         "",
         f"Command: `python benchmarks/bench_robustness.py --precision {' '.join(args.precision)} --iterations"
-        f" {args.iterations}` ({le.torch_info()[1]} threads, torch {torch.__version__}, native CPU bf16:"
+        f" {args.iterations}{' --tag ' + args.tag if args.tag else ''}`"
+        f" ({le.torch_info()[1]} threads, torch {torch.__version__}, native CPU bf16:"
         f" {cpu_supports_bf16()}; data: {source})",
         "",
         "| precision | task | slices/axis | runs | failures | non-finite models | skipped steps | mean final loss | s/run |",
