@@ -41,6 +41,23 @@ def test_instance_norm_by_group_norm_is_torchs_instance_norm(layout):
         assert ya.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def test_bfloat16_channels_last_norm_in_inference_is_the_same_norm():
+    """Inference takes a round trip through the contiguous layout (faster on the CPU): same values, same layout."""
+    torch.manual_seed(0)
+    norm = InstanceNorm3d(8, affine=True)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = (3 * torch.randn(2, 8, 6, 10, 12) + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    reference = torch.nn.functional.group_norm(x.float(), 8, norm.weight, norm.bias, norm.eps)
+    with torch.no_grad():
+        y = norm.to(torch.bfloat16)(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y.float(), reference, atol=0.05, rtol=0.02)  # bfloat16's rounding
+    with torch.enable_grad():  # training: torch's channels-last kernel, the same function
+        trained = norm(x.clone().requires_grad_())
+    torch.testing.assert_close(trained.float(), y.float(), atol=0.05, rtol=0.02)
+
+
 def test_features_double_per_level_and_are_capped():
     model = UNet3D(1, 2, ModelConfig(levels=5, base_features=8, max_features=32))
     assert model.features == [8, 16, 32, 32, 32]
