@@ -41,21 +41,30 @@ def test_instance_norm_by_group_norm_is_torchs_instance_norm(layout):
         assert ya.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_bfloat16_channels_last_norm_in_inference_is_the_same_norm():
-    """Inference takes a round trip through the contiguous layout (faster on the CPU): same values, same layout."""
+def test_bfloat16_channels_last_norm_is_the_same_norm_forward_and_backward():
+    """bfloat16 channels-last takes a round trip through the contiguous layout (faster on the CPU):
+    the same values and gradients as the float32 norm, to bfloat16's rounding, and the same layout."""
     torch.manual_seed(0)
     norm = InstanceNorm3d(8, affine=True)
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
     x = (3 * torch.randn(2, 8, 6, 10, 12) + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
-    reference = torch.nn.functional.group_norm(x.float(), 8, norm.weight, norm.bias, norm.eps)
+    reference_in = x.float().requires_grad_()
+    weight, bias = norm.weight.detach().clone(), norm.bias.detach().clone()  # norm.to() below changes its own
+    reference = torch.nn.functional.group_norm(reference_in, 8, weight, bias, norm.eps)
     with torch.no_grad():
         y = norm.to(torch.bfloat16)(x)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(y.float(), reference, atol=0.05, rtol=0.02)  # bfloat16's rounding
-    with torch.enable_grad():  # training: torch's channels-last kernel, the same function
-        trained = norm(x.clone().requires_grad_())
-    torch.testing.assert_close(trained.float(), y.float(), atol=0.05, rtol=0.02)
+    trained_in = x.clone().requires_grad_()
+    trained = norm(trained_in)
+    assert trained.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(trained.float(), y.float())
+    grad = torch.randn_like(reference)
+    trained.backward(grad.to(torch.bfloat16)), reference.backward(grad)
+    assert trained_in.grad.is_contiguous(memory_format=torch.channels_last_3d)
+    scale = reference_in.grad.abs().max()
+    torch.testing.assert_close(trained_in.grad.float() / scale, reference_in.grad / scale, atol=0.03, rtol=0.03)
 
 
 def test_features_double_per_level_and_are_capped():
