@@ -123,6 +123,27 @@ def test_back_off_lasts_one_round_and_training_goes_on(small_volume, tiny_config
     assert report.learning_rate == pytest.approx(lr) and report.skipped == 0
 
 
+def test_float16_loss_scale_overflows_are_skipped_without_backing_off(small_volume, tiny_config):
+    # float16 training starts its loss scale at 2**16 and halves it on each overflow: several skipped steps
+    # in a row are normal there. A real GradScaler on the CPU runs the same scale logic as on CUDA.
+    config = tiny_config.replace(train={"lr_schedule": "constant"})
+    trainer = _trainer(small_volume, config)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    _poison(trainer, set(range(1, 9)))  # eight overflows in a row: more than the back-off's thresholds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (report,) = list(trainer.steps(max_iterations=1))
+    assert report.skipped == 8 and trainer.scaler.get_scale() == 2.0**8 and _finite(trainer.model)
+    assert report.learning_rate == pytest.approx(config.train.learning_rate)  # not halved
+    # below a scale of 1 an overflow is a diverging run again: back-off, then a clear error
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    _poison(trainer, set(range(1, 100)))
+    with pytest.warns(RuntimeWarning, match="learning rate is halved"):
+        with pytest.raises(FloatingPointError, match="10 steps in a row"):
+            list(trainer.steps(max_iterations=1))
+    assert trainer.skipped_steps == 8 + 1 + 10  # one overflow (scale 2 -> 1) is rescaling, then ten count
+
+
 def test_a_model_with_non_finite_weights_is_not_saved(small_volume, tiny_config, tmp_path):
     trainer = _trainer(small_volume, tiny_config)
     with torch.no_grad():

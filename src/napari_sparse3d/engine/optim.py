@@ -5,6 +5,8 @@ reads as the loop it is.  :class:`BackOff` is the policy for steps whose loss
 or gradient is not finite (they are skipped, see ``Trainer._step``): after a
 few in a row the learning rate is halved, after a few more the rest of the
 round trains in float32, and after that training stops with a clear error.
+In float16 an overflow is skipped by the loss scaler, which halves its scale
+and tries again; those skips count only once the scale is below 1.
 """
 
 from __future__ import annotations

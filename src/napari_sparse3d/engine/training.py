@@ -130,6 +130,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == torch.float16)
         self._lr_scale = 1.0
         self._round_precision = self.precision
+        self._rescaling = False  # the last skipped step was float16 loss scaling at work
         self.skipped_steps = 0  # over all rounds
         foreground = [k for k, v in enumerate(self.class_values) if v != 0]
         self.loss_fn = SparseLoss(
@@ -257,6 +258,7 @@ class Trainer:
         step count) exactly as they were: the gradients are checked before
         ``optimizer.step`` and then dropped.
         """
+        self._rescaling = False
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tc = self.config.train
@@ -287,6 +289,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
                 self.scaler.update()  # float16: a lower loss scale for the next step
+                # GradScaler finding its scale (it starts at 2**16 and halves on every overflow) is not a
+                # run going wrong; only an overflow at a scale below 1 counts towards the back-off
+                self._rescaling = self.scaler.get_scale() >= 1.0
             return None
         return value  # the update is applied by the loop, under weights_lock
 
@@ -366,6 +371,8 @@ class Trainer:
             if loss is None:
                 skipped += 1
                 self.skipped_steps += 1
+                if self._rescaling:
+                    continue
                 consecutive += 1
                 self._back_off(consecutive)
                 continue
