@@ -52,3 +52,27 @@ def test_training_job_cancel_ends_prediction(small_volume, tiny_config):
             cancel.set()
     assert [i.name for i in items if isinstance(i, Phase)] == ["training", "predicting", "cancelled"]
     assert sum(isinstance(i, Block) for i in items) == 1
+
+
+def test_a_finished_or_cancelled_prediction_gives_the_cached_device_memory_back(small_volume, tiny_config, monkeypatch):
+    from napari_sparse3d.engine import devices
+    from napari_sparse3d.engine.prediction import Block
+    from napari_sparse3d.engine.training import Trainer
+    from napari_sparse3d.loop.jobs import training_job
+
+    image, labels, truth, slices = small_volume
+    released = []
+    monkeypatch.setattr(devices, "release_cached_memory", lambda device: released.append(device.type))
+    config = tiny_config.replace(predict={"tile_voxels": 2000})
+    for cancel_at_first_block in (False, True):
+        released.clear()
+        trainer = Trainer.from_inputs(image, labels, slices, config=config, device="cpu")
+        cancel = threading.Event()
+        blocks = 0
+        for item in training_job(trainer, max_iterations=2, cancel=cancel):
+            if isinstance(item, Block):
+                assert released == []  # not while windows still run
+                blocks += 1
+                if cancel_at_first_block:
+                    cancel.set()
+        assert released == ["cpu"] and blocks >= 1

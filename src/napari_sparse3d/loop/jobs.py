@@ -295,6 +295,7 @@ def prediction_job(
     ``image`` is a :class:`~napari_sparse3d.engine.volume.Volume` or a 3D array
     (numpy, zarr, dask: checked with :func:`~napari_sparse3d.engine.volume.as_volume`).
     """
+    from napari_sparse3d.engine.devices import release_cached_memory, resolve_device
     from napari_sparse3d.engine.prediction import predict_blocks
     from napari_sparse3d.engine.volume import Volume, as_volume
 
@@ -314,6 +315,8 @@ def prediction_job(
                 yield reports.pop(0)
     finally:
         blocks.close()
+        # the GPU allocator keeps what the windows used cached: give it back to the viewer and other processes
+        release_cached_memory(resolve_device(device))
     while reports:
         yield reports.pop(0)
     yield Phase("done")
