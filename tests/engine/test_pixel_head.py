@@ -297,6 +297,45 @@ def test_the_classifier_is_a_bag_of_perceptrons_fitted_on_bootstrap_samples():
     assert torch.equal(again.w1, head.w1)  # seeded: the same bag
 
 
+@pytest.mark.parametrize("callers_autocast", [False, True])
+def test_a_bfloat16_fit_learns_what_the_float32_fit_learns(callers_autocast):
+    image, truth, volume, norm, target = _annotated_blobs()
+    x, y = training_samples(PixelClassifier(1, 3), [(volume, norm, target)], seed=0)
+    unseen = np.ones(truth.shape, bool)
+    unseen[[8, 16]] = False
+    dice, heads = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        heads[dtype] = head = PixelClassifier(1, 3)
+        # a caller's autocast changes neither the fit's precision nor lets it train on stale weight copies
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=callers_autocast):
+            head.fit(x, y, seed=0, steps=300, dtype=dtype)
+        dice[dtype] = mean_foreground_dice(probability_map(head, volume, norm).argmax(0), truth, mask=unseen)
+    assert dice[torch.bfloat16] > 0.8 and dice[torch.bfloat16] >= dice[torch.float32] - 0.02, dice
+    assert not torch.equal(heads[torch.bfloat16].w1, heads[torch.float32].w1)  # it did fit in bfloat16
+
+
+def test_a_bfloat16_member_with_non_finite_weights_is_fitted_again_in_float32(monkeypatch):
+    from napari_sparse3d.engine import pixel_head
+
+    image, truth, volume, norm, target = _annotated_blobs()
+    head = PixelClassifier(1, 3)
+    x, y = training_samples(head, [(volume, norm, target)], seed=0)
+    real, calls = pixel_head._fit_member, []
+
+    def fit_member(*args, dtype):
+        calls.append(dtype)
+        mean, std, layers = real(*args, dtype=dtype)
+        if dtype == torch.bfloat16 and len(calls) == 1:
+            with torch.no_grad():
+                layers[1].weight[0, 0] = float("nan")
+        return mean, std, layers
+
+    monkeypatch.setattr(pixel_head, "_fit_member", fit_member)
+    head.fit(x, y, seed=0, steps=50, dtype=torch.bfloat16)
+    assert calls[:3] == [torch.bfloat16, torch.float32, torch.bfloat16] and len(calls) == head.members + 1
+    assert all(bool(torch.isfinite(getattr(head, n)).all()) for n in ("w1", "b1", "w2", "b2", "w3", "b3"))
+
+
 def test_a_checkpoint_with_one_perceptron_loads_as_a_bag_of_one():
     """Checkpoints of earlier versions hold a single perceptron (2-D weights)."""
     image, truth, volume, norm, target = _annotated_blobs()

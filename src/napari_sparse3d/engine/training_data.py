@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from napari_sparse3d.config import TrainConfig
 from napari_sparse3d.engine.augment import Augmenter
@@ -47,6 +48,9 @@ class TrainingData:
     head : PixelClassifier, optional
         The network's pixel classifier: fitted here on the training voxels of every volume
         (again after new annotations), its probabilities joining each image as extra channels.
+    fit_dtype : torch.dtype
+        ``torch.bfloat16`` fits the classifier under bfloat16 autocast (the trainer's
+        precision, where the hardware has it); otherwise float32.
     """
 
     def __init__(
@@ -61,9 +65,10 @@ class TrainingData:
         spacing: Sequence[float] | None,
         seed: int,
         head: PixelClassifier | None = None,
+        fit_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.volumes, self.normalizations = list(volumes), list(normalizations)
-        self.head = head
+        self.head, self.fit_dtype = head, fit_dtype
         self.class_values, self.patch_size, self.tc, self.seed = list(class_values), patch_size, tc, int(seed)
         self.foreground = [k for k, v in enumerate(self.class_values) if v != 0]
         spacing = spacing or (1.0, 1.0, 1.0)
@@ -98,7 +103,7 @@ class TrainingData:
         head = self.head
         assert head is not None
         items = list(zip(self.volumes, self.normalizations, self.training_targets))
-        head.fit(*training_samples(head, items, seed=self.seed), seed=self.seed)
+        head.fit(*training_samples(head, items, seed=self.seed), seed=self.seed, dtype=self.fit_dtype)
         for i, (volume, norm) in enumerate(zip(self.volumes, self.normalizations)):
             probabilities = probability_map(head, volume, norm)
             if isinstance(self.sources[i], WithPrior):
