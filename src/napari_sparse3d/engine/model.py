@@ -89,7 +89,8 @@ class InstanceNorm3d(nn.InstanceNorm3d):
                 and x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)):
             # torch's channels-last group norm in bfloat16 is 3-25x slower on the CPU than the same
             # norm on a contiguous copy, converted back: about half of a prediction's forward pass,
-            # and a training step takes 53 ms instead of 141 ms (benchmarks/results/prediction_bf16.md)
+            # and a training step takes 53 ms instead of 141 ms (benchmarks/results/prediction_bf16.md,
+            # norm_bf16.md)
             y = F.group_norm(x.contiguous(), self.num_features, self.weight, self.bias, self.eps)
             return y.contiguous(memory_format=torch.channels_last_3d)
         return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
