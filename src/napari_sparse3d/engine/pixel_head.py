@@ -154,7 +154,7 @@ class PixelClassifier(nn.Module):
 
         ``dtype`` ``torch.bfloat16`` fits under bfloat16 autocast (float32 weights and
         optimiser): where the hardware has bfloat16 (the trainer's precision says so) the
-        fit takes about 0.6x the time (README, "Faster set-up").  A member whose
+        fit takes about 0.6x the time (``benchmarks/results/classifier_bf16_fit.md``).  A member whose
         bfloat16 fit ends with non-finite weights is fitted again in float32.  The
         probabilities are always computed in float32.
         """

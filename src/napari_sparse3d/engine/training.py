@@ -34,14 +34,7 @@ from napari_sparse3d.engine.planning import plan_training
 from napari_sparse3d.engine.sampling import Prefetcher
 from napari_sparse3d.engine.trained import HISTORY_LIMIT, ModelInfo, model_info, thin_history
 from napari_sparse3d.engine.training_data import TrainingData, prepare_volumes
-from napari_sparse3d.engine.volume import (
-    Annotations,
-    Volume,
-    VolumeLike,
-    as_volume,
-    check_budget,
-    prepare_annotations,
-)
+from napari_sparse3d.engine.volume import Annotations, Volume, VolumeLike, as_volume, check_budget, prepare_annotations
 
 __all__ = ["TrainReport", "Trainer"]
 
@@ -290,8 +283,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
                 self.scaler.update()  # float16: a lower loss scale for the next step
-                # GradScaler finding its scale (it starts at 2**16 and halves on every overflow) is not a
-                # run going wrong; only an overflow at a scale below 1 counts towards the back-off
+                # the scaler finding its scale (2**16, halved per overflow) is no divergence: below 1 it counts
                 self._rescaling = self.scaler.get_scale() >= 1.0
             return None
         return value  # the update is applied by the loop, under weights_lock
