@@ -172,9 +172,6 @@ CHILD = textwrap.dedent(
     from napari_sparse3d.io.checkpoint import as_model
     from napari_sparse3d.project import Project
 
-    def say(*words):  # one write a line: under PYTHONUNBUFFERED, print() writes word by word
-        sys.stdout.write(" ".join(map(str, words)) + "\\n"); sys.stdout.flush()
-
     path, truth_path = sys.argv[1], sys.argv[2]
     truth = np.load(truth_path)
     project = Project.open(path, writable=True)
@@ -185,10 +182,10 @@ CHILD = textwrap.dedent(
     init = project.checkpoint("latest")
     trainer = Trainer.from_inputs(project.image(), labels, slices, config=None if init else config, device="cpu",
                                   init=None if init is None else as_model(init))
-    say("START", trainer.iteration)
+    print("START", trainer.iteration, flush=True)
     for report in trainer.steps():
         project.save_checkpoint(trainer.model)
-        say("CKPT", report.iteration)
+        print("CKPT", report.iteration, flush=True)
         # a new fully annotated y slice every other step (annotations only grow)
         free = [i for i in range(labels.shape[1]) if i not in slices.get(1, [])]
         if report.iteration % 2 == 0 and free:
@@ -196,7 +193,7 @@ CHILD = textwrap.dedent(
             labels[:, index] = truth[:, index]
             slices.setdefault(1, []).append(index)
             project.save_annotations(labels, slices)
-            say("ANN", index)
+            print("ANN", index, flush=True)
     """
 )
 
@@ -224,7 +221,8 @@ def test_sigkill_at_random_moments_loses_nothing(project, small_volume, tmp_path
         time.sleep(float(rng.uniform(0.3, 1.5)))
         os.kill(child.pid, signal.SIGKILL)
         out, _ = child.communicate()
-        for line in out.split("\n")[:-1]:  # the kill may cut the last line short: only whole lines count
+        # only whole lines count: under PYTHONUNBUFFERED print() writes word by word, and the kill may cut one
+        for line in out.split("\n")[:-1]:
             kind, value = line.split()
             if kind == "ANN":
                 acked_slices.add(int(value))
