@@ -271,9 +271,11 @@ def _train_and_predict(
     trainer.release()
     saver.final(trainer.model)
     results = []
-    for volume, project, spc in zip(volumes, projects, spacings):
+    for index, (volume, project, spc) in enumerate(zip(volumes, projects, spacings)):
+        # the classifier's probabilities, as training computed them on this volume (on the model's grid)
         labels, probabilities = predict_volume(
-            volume, trainer.model, device=device, progress=progress, keep_probabilities=True, spacing=spc
+            volume, trainer.model, device=device, progress=progress, keep_probabilities=True, spacing=spc,
+            prior_map=trainer.data.prior_map(index),
         )
         if project is not None:
             project.save_prediction(labels, probabilities)

@@ -31,7 +31,10 @@ from torch import nn
 
 from napari_sparse3d.engine.features import block_boxes, feature_count, filter_bank, grow, halo, scaled_sigmas
 
-__all__ = ["AS_IS", "PixelClassifier", "WithPrior", "checked_sigmas", "prior", "probability_map", "training_samples"]
+__all__ = [
+    "AS_IS", "PixelClassifier", "WithPrior", "checked_prior_map", "checked_sigmas", "prior", "probability_map",
+    "training_samples",
+]
 
 HIDDEN = 64
 MEMBERS = 4  # perceptrons in the bag, each on its own bootstrap sample (see PixelClassifier.fit)
@@ -257,6 +260,21 @@ def probability_map(head: PixelClassifier, volume: Any, normalization: Any) -> n
     for box in block_boxes(volume.spatial_shape, BLOCK_VOXELS):
         out[(slice(None), *box)] = _prior_block(head, volume, normalization, box).cpu().numpy()
     return out
+
+
+def checked_prior_map(prior_map: Any, channels: int, shape: Sequence[int]) -> Any:
+    """``prior_map`` (the classifier's probabilities, ``(channels, *shape)``, floating point) or ``None``; else an error."""
+    if prior_map is None:
+        return None
+    given = tuple(getattr(prior_map, "shape", ()))
+    if channels == 0:
+        raise ValueError(f"prior_map: the model has no pixel classifier to take probabilities from; got shape {given}")
+    expected = (channels, *map(int, shape))
+    if given != expected:
+        raise ValueError(f"prior_map must have shape (classes, z, y, x) = {expected}, got {given or type(prior_map).__name__}")
+    if not np.issubdtype(np.dtype(prior_map.dtype), np.floating):
+        raise TypeError(f"prior_map must hold floating-point probabilities, got dtype {prior_map.dtype}")
+    return prior_map
 
 
 def training_samples(

@@ -46,7 +46,7 @@ import torch
 from napari_sparse3d.config import PredictConfig
 from napari_sparse3d.engine.devices import autocast, resolve_device, resolve_precision
 from napari_sparse3d.engine.model import UNet3D
-from napari_sparse3d.engine.pixel_head import prior
+from napari_sparse3d.engine.pixel_head import checked_prior_map, prior
 from napari_sparse3d.engine.preprocess import Normalization, plan_window
 from napari_sparse3d.engine.resample import ResampledVolume, labels_on_grid, model_grid, probability_buffer
 from napari_sparse3d.engine.tiling import WindowGrid, fit_window, gaussian_importance, plan_tiles, window_starts
@@ -146,13 +146,15 @@ class TilePredictor:
     """
 
     def __init__(
-        self, volume: VolumeLike, model: UNet3D, *, device: str, config: PredictConfig | None, normalization: Normalization
+        self, volume: VolumeLike, model: UNet3D, *, device: str, config: PredictConfig | None, normalization: Normalization,
+        prior_map: Any = None,
     ) -> None:
         model = require_trained(model)
         info = model_info(model)
         self.config = config = config or info.config.predict
         _check_channels(volume, info)
         self.volume, self.norm = volume, normalization
+        self.prior_map = checked_prior_map(prior_map, model.prior_channels, volume.spatial_shape)
         self.device = dev = resolve_device(device)
         self.dtype = resolve_precision(dev, info.config.train.precision)
         self.channels_last = info.config.train.channels_last
@@ -184,8 +186,12 @@ class TilePredictor:
         within = tuple(slice(0, s.stop - s.start) for s in inside)
         image[(slice(None, volume.channels), *within)] = torch.from_numpy(block)
         del block
-        if prior_channels:  # the pixel classifier's probabilities, computed with their own margin; 0 outside
-            image[(slice(volume.channels, None), *within)] = prior(self.model.pixel_head, volume, self.norm, inside).float().cpu()
+        if prior_channels:  # the pixel classifier's probabilities (given, or computed with their own margin); 0 outside
+            if self.prior_map is not None:
+                probs = torch.from_numpy(np.asarray(self.prior_map[(slice(None), *inside)], dtype=np.float32))
+            else:
+                probs = prior(self.model.pixel_head, volume, self.norm, inside).float().cpu()
+            image[(slice(volume.channels, None), *within)] = probs
         return image.to(self.device), lo
 
     def predict(self, tile: Box, on_batch: Callable[[int], Any] | None = None) -> Block:
@@ -232,6 +238,7 @@ def predict_blocks(
     progress: Callable[[PredictReport], Any] | None = None,
     chunks: Sequence[int] | None = None,
     normalization: Normalization | None = None,
+    prior_map: Any = None,
 ) -> Generator[Block, None, None]:
     """Predict ``volume`` tile by tile, yielding each finished :class:`Block`.
 
@@ -253,11 +260,16 @@ def predict_blocks(
     normalization : Normalization, optional
         Applied as is; default ``model_info(model).normalization.for_volume(volume)``
         (in "image" mode the volume's own statistics, computed here, once).
+    prior_map : array ``(K, Z, Y, X)``, optional
+        The pixel classifier's probabilities over the whole volume, as the trainer
+        keeps them (``TrainingData.prior_map``): read instead of computed again,
+        which is most of a default prediction's time on the CPU.  Default: computed
+        per tile.  Only for the volume and classifier they were computed for.
     """
     model = require_trained(model)
     _check_channels(volume, model_info(model))
     norm = normalization if normalization is not None else model_info(model).normalization.for_volume(volume)
-    predictor = TilePredictor(volume, model, device=device, config=config, normalization=norm)
+    predictor = TilePredictor(volume, model, device=device, config=config, normalization=norm, prior_map=prior_map)
     tiles = predictor.tiles(chunks)
     if priority is not None:
         point = np.asarray(priority, dtype=float)
@@ -316,6 +328,7 @@ def predict_region(
     device: str = "auto",
     config: PredictConfig | None = None,
     normalization: Normalization | None = None,
+    prior_map: Any = None,
 ) -> Generator[Block, None, None]:
     """Predict only ``region`` (three slices) of ``volume``, e.g. the slice on screen.
 
@@ -323,13 +336,16 @@ def predict_region(
     network sees the context it was trained with; the blocks yielded cover
     that box, in the volume's coordinates.  The region is normalised like the
     whole volume (``normalization``, default ``for_volume(volume)``: pass it,
-    computed once, when predicting many regions of one volume).
+    computed once, when predicting many regions of one volume); ``prior_map`` as
+    for :func:`predict_blocks`, over the whole volume.
     """
     info = model_info(model)
     config = config or info.config.predict
     norm = normalization if normalization is not None else info.normalization.for_volume(volume)
     box = context_box(volume.spatial_shape, region, resolve_window(info, model, volume.spatial_shape, config))
-    for block in predict_blocks(_Crop(volume, box), model, device=device, config=config, normalization=norm):
+    prior_map = checked_prior_map(prior_map, model.prior_channels, volume.spatial_shape)
+    crop = None if prior_map is None else prior_map[(slice(None), *box)]
+    for block in predict_blocks(_Crop(volume, box), model, device=device, config=config, normalization=norm, prior_map=crop):
         shifted = box3(slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, block.region))
         yield Block(shifted, block.probabilities, block.labels)
 
@@ -344,12 +360,14 @@ def predict_volume(
     keep_probabilities: bool = False,
     normalization: Normalization | None = None,
     spacing: Sequence[float] | None = None,
+    prior_map: Any = None,
 ) -> tuple[Any, np.ndarray | None]:
     """Segment a whole volume into ``out`` (a new array by default), block by block.
 
     Returns ``(labels, probabilities)``; the probabilities ``(K, Z, Y, X)`` only with
     ``keep_probabilities``.  A zarr ``out`` gets each of its chunks written once, whole.
-    ``normalization`` as for :func:`predict_blocks`.  A ``spacing`` (the volume's voxel
+    ``normalization`` and ``prior_map`` as for :func:`predict_blocks` (``prior_map`` on
+    the grid that is predicted: the model's when resampled, as the trainer keeps it).  A ``spacing`` (the volume's voxel
     size) more than 5% off the model's on some axis: predicted on the model's grid and
     brought back to the volume's (:mod:`napari_sparse3d.engine.resample`).
     """
@@ -360,7 +378,7 @@ def predict_volume(
         norm = normalization if normalization is not None else info.normalization.for_volume(volume)
         with probability_buffer(len(info.class_values), grid) as buffer:
             view = ResampledVolume(volume, grid)
-            for block in predict_blocks(view, model, device=device, progress=progress, normalization=norm):
+            for block in predict_blocks(view, model, device=device, progress=progress, normalization=norm, prior_map=prior_map):
                 buffer[(slice(None), *block.region)] = block.probabilities
             return labels_on_grid(buffer, shape, info.class_values, out, keep_probabilities)
     if out is None:
@@ -369,7 +387,9 @@ def predict_volume(
     chunks = getattr(out, "chunks", None)
     if not (isinstance(chunks, tuple) and len(chunks) == 3 and all(isinstance(c, (int, np.integer)) for c in chunks)):
         chunks = None
-    blocks = predict_blocks(volume, model, device=device, progress=progress, chunks=chunks, normalization=normalization)
+    blocks = predict_blocks(
+        volume, model, device=device, progress=progress, chunks=chunks, normalization=normalization, prior_map=prior_map
+    )
     for block in blocks:
         out[block.region] = block.labels
         if probabilities is not None:

@@ -111,6 +111,14 @@ class TrainingData:
             else:
                 self.sources[i], self.source_norms[i] = WithPrior(volume, norm, probabilities), AS_IS
 
+    def prior_map(self, index: int = 0) -> np.ndarray | None:
+        """The classifier's probabilities over volume ``index`` as training reads them, or ``None`` without a classifier.
+
+        Prediction of that volume can read them (``prior_map=``) instead of computing them again.
+        """
+        source = self.sources[index]
+        return source.probabilities if isinstance(source, WithPrior) else None
+
     def _validator(self) -> Validator | None:
         items = [(v, n, h) for v, n, h in zip(self.sources, self.source_norms, self.held_out) if bool((h >= 0).any())]
         if not items:

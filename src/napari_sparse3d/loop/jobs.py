@@ -261,10 +261,11 @@ def training_job(
                 region = view()
                 if region is not None:
                     t0 = time.perf_counter()
-                    # the volume's statistics were computed once when training started: not again for every preview
+                    # the volume's statistics and the classifier's probabilities were computed when training
+                    # started (and after each correction): not again for every preview
                     blocks = list(predict_region(
                         trainer.volume, trainer.model, region, device=device, config=PREVIEW_CONFIG,
-                        normalization=trainer.normalizations[0],
+                        normalization=trainer.normalizations[0], prior_map=trainer.data.prior_map(0),
                     ))
                     seconds = time.perf_counter() - t0
                     interval = max(preview_every, 4 * seconds)
@@ -278,7 +279,9 @@ def training_job(
     if cancel.is_set():
         yield Phase("cancelled")
         return
-    yield from prediction_job(trainer.volume, trainer.model, device=device, cancel=cancel, focus=focus)
+    yield from prediction_job(
+        trainer.volume, trainer.model, device=device, cancel=cancel, focus=focus, prior_map=trainer.data.prior_map(0)
+    )
 
 
 def prediction_job(
@@ -289,11 +292,14 @@ def prediction_job(
     cancel: threading.Event | None = None,
     focus: Callable[[], Sequence[float] | None] | None = None,
     config: PredictConfig | None = None,
+    prior_map: Any = None,
 ) -> Generator[Phase | Block | PredictReport, None, None]:
     """Predict ``image`` block by block (nearest ``focus()`` first), yielding blocks and progress.
 
     ``image`` is a :class:`~napari_sparse3d.engine.volume.Volume` or a 3D array
     (numpy, zarr, dask: checked with :func:`~napari_sparse3d.engine.volume.as_volume`).
+    ``prior_map``: the classifier's probabilities over ``image`` where the trainer
+    has them (see :func:`~napari_sparse3d.engine.prediction.predict_blocks`).
     """
     from napari_sparse3d.engine.devices import release_cached_memory, resolve_device
     from napari_sparse3d.engine.prediction import predict_blocks
@@ -304,7 +310,9 @@ def prediction_job(
     yield Phase("predicting")
     reports: list[PredictReport] = []
     priority = focus() if focus is not None else None
-    blocks = predict_blocks(volume, model, device=device, config=config, priority=priority, progress=reports.append)
+    blocks = predict_blocks(
+        volume, model, device=device, config=config, priority=priority, progress=reports.append, prior_map=prior_map
+    )
     try:
         for block in blocks:
             if cancel.is_set():
