@@ -254,7 +254,7 @@ def part_monai(args, image, instances, lines: list[str]) -> None:
         x = torch.from_numpy(info.normalization.apply(volume.read()))
         if model.pixel_head is not None:
             box = tuple(slice(0, s) for s in volume.spatial_shape)
-            x = torch.cat([x, prior(model.pixel_head, volume, info.normalization, box)])
+            x = torch.cat([x, prior(model.pixel_head, volume, info.normalization, box, dtype=dtype)])
         x = x[None]
         net = model.to(memory_format=torch.contiguous_format).eval()
         with torch.inference_mode():
@@ -265,7 +265,8 @@ def part_monai(args, image, instances, lines: list[str]) -> None:
     monai_s = timed(monai, 3)
     # both sides compute the classifier's probabilities once, with the same function (ours: one tile)
     whole = tuple(slice(0, s) for s in volume.spatial_shape)
-    prior_s = timed(lambda: prior(model.pixel_head, volume, info.normalization, whole), 3) if model.pixel_head else 0.0
+    prior_s = (timed(lambda: prior(model.pixel_head, volume, info.normalization, whole, dtype=dtype), 3)
+               if model.pixel_head else 0.0)
     model.to(memory_format=torch.channels_last_3d if info.config.train.channels_last else torch.contiguous_format)
     flops = window_flops(model, patch, False, torch.float32) * n
     peak32 = roofline(torch.float32)

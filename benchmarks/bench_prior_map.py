@@ -20,15 +20,12 @@ there); the table to ``OUT.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import nuclei
@@ -87,45 +84,25 @@ def table(records: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prior_map"))
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-    jsonl, md = Path(args.out + ".jsonl"), Path(args.out + ".md")
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()] if args.resume and jsonl.exists() else []
-    if not args.resume:
-        jsonl.write_text("")
+    args, jsonl, md, records = nuclei.grid_options(__doc__.splitlines()[0], "prior_map", argv)
     done = {(r["task"], r["k"], r["seed"]) for r in records}
     image, instances, source = nuclei.load_data()
-    for task in ("three-class", "two-class"):
-        truth = nuclei.make_truth(instances, task)
-        for k in (1, 2, 3):
-            slices, mask, sparse = nuclei.annotation(truth, k)
-            for seed in args.seeds:
-                if (task, k, seed) in done:
-                    continue
-                record = {"task": task, "k": k, "seed": seed, "steps": args.steps,
-                          **one_model(image, truth, mask, sparse, slices, seed, args.steps)}
-                print(json.dumps(record), flush=True)
-                with jsonl.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                records.append(record)
-    lines = [
-        "# Prediction after training: the classifier's probabilities read from the trainer's map, or computed again",
-        "",
-        f"`python benchmarks/bench_prior_map.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}`"
-        f" (torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()};"
-        f" data: {source}). Nuclei volume {image.shape}; the default recipe trained {args.steps} steps per model,"
-        " then the whole volume predicted with the default settings both ways from the same weights, in"
-        " alternating order. Dice: mean foreground Dice outside the annotated slices.",
-        "",
-        *table(records),
-        "",
-    ]
-    md.write_text("\n".join(lines))
-    print("\n".join(lines))
+    for task, k, seed, truth, slices, mask, sparse in nuclei.grid_cells(instances, args.seeds):
+        if (task, k, seed) in done:
+            continue
+        record = {"task": task, "k": k, "seed": seed, "steps": args.steps,
+                  **one_model(image, truth, mask, sparse, slices, seed, args.steps)}
+        print(json.dumps(record), flush=True)
+        nuclei.append_result(jsonl, record)
+        records.append(record)
+    nuclei.write_grid_report(
+        md, "Prediction after training: the classifier's probabilities read from the trainer's map, or computed again",
+        args, source,
+        f"Nuclei volume {image.shape}; the default recipe trained {args.steps} steps per model, then the whole volume"
+        " predicted with the default settings both ways from the same weights, in alternating order. Dice: mean"
+        " foreground Dice outside the annotated slices.",
+        table(records),
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ these names, so the scripts that use ``label_efficiency as le`` read the same.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.resources
 import importlib.util
@@ -170,6 +171,51 @@ def append_result(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def grid_options(description: str, name: str, argv=None) -> tuple[argparse.Namespace, Path, Path, list[dict]]:
+    """Options of a benchmark over both tasks x 1-3 slices per axis x seeds (``--steps``, ``--seeds``,
+    ``--out``, ``--resume``), its records file ``OUT.jsonl`` (emptied unless ``--resume``, which keeps
+    and returns its records) and its table ``OUT.md``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default=str(RESULTS_DIR / name))
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    jsonl, md = Path(args.out + ".jsonl"), Path(args.out + ".md")
+    if not args.resume:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        jsonl.write_text("")
+    return args, jsonl, md, read_results(jsonl)
+
+
+def grid_cells(instances: np.ndarray, seeds):
+    """``(task, k, seed, truth, slices, mask, sparse)``: three-class, then two-class; 1-3 slices per axis; each seed."""
+    for task in ("three-class", "two-class"):
+        truth = make_truth(instances, task)
+        for k in (1, 2, 3):
+            slices, mask, sparse = annotation(truth, k)
+            for seed in seeds:
+                yield task, k, seed, truth, slices, mask, sparse
+
+
+def write_grid_report(md: Path, title: str, args: argparse.Namespace, source: str, about: str, table: list[str]) -> None:
+    """Write (and print) a grid benchmark's table under its title and the command that made it."""
+    import platform
+
+    import torch
+
+    script = Path(sys.argv[0]).name
+    lines = [
+        f"# {title}", "",
+        f"`python benchmarks/{script} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}`"
+        f" (torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()};"
+        f" data: {source}). {about}", "",
+        *table, "",
+    ]
+    md.write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 class Results:

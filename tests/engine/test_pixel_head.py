@@ -314,6 +314,21 @@ def test_a_bfloat16_fit_learns_what_the_float32_fit_learns(callers_autocast):
     assert not torch.equal(heads[torch.bfloat16].w1, heads[torch.float32].w1)  # it did fit in bfloat16
 
 
+def test_bfloat16_probabilities_are_the_float32_ones_to_bfloat16_precision():
+    image, truth, volume, norm, target = _annotated_blobs()
+    head = PixelClassifier(1, 3)
+    head.fit(*training_samples(head, [(volume, norm, target)], seed=0), seed=0, steps=300)
+    box = tuple(slice(0, s) for s in image.shape)
+    exact = prior(head, volume, norm, box)
+    low = prior(head, volume, norm, box, dtype=torch.bfloat16, block_voxels=20_000)  # blocks too
+    assert low.dtype == torch.float32 and not torch.equal(low, exact)  # it did compute in bfloat16
+    assert float((low - exact).abs().max()) < 0.05 and float((low - exact).abs().mean()) < 2e-3
+    assert float((low.argmax(0) == exact.argmax(0)).float().mean()) > 0.995
+    np.testing.assert_allclose(low.sum(0).numpy(), 1.0, atol=1e-5)
+    # the trainer's map and the prediction compute them alike: float16 of the same bfloat16 products
+    np.testing.assert_allclose(probability_map(head, volume, norm, torch.bfloat16), low.numpy(), atol=1e-3)
+
+
 def test_a_bfloat16_member_with_non_finite_weights_is_fitted_again_in_float32(monkeypatch):
     from napari_sparse3d.engine import pixel_head
 

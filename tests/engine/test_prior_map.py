@@ -16,18 +16,19 @@ from napari_sparse3d.engine.training import Trainer
 from napari_sparse3d.engine.volume import as_volume
 
 
-def _config(**model):
+def _config(precision="fp32"):
     return Config.from_dict({
-        "model": {"levels": 2, "base_features": 4, **model},
-        "train": {"patch_size": [8, 16, 16], "batch_size": 2, "warmup_steps": 0, "precision": "fp32"},
+        "model": {"levels": 2, "base_features": 4},
+        "train": {"patch_size": [8, 16, 16], "batch_size": 2, "warmup_steps": 0, "precision": precision},
         "predict": {"mirror_tta": False, "tile_voxels": 4000},  # several tiles: each reads its part of the map
     })
 
 
-@pytest.fixture
-def trained(small_volume):
+@pytest.fixture(params=["fp32", "bf16"])
+def trained(small_volume, request):
+    """In bfloat16 the trainer's map and the prediction both run the classifier's products in bfloat16."""
     image, labels, _, slices = small_volume
-    trainer = Trainer.from_inputs(image, labels, slices, config=_config(), device="cpu", seed=0)
+    trainer = Trainer.from_inputs(image, labels, slices, config=_config(request.param), device="cpu", seed=0)
     for _ in trainer.steps(max_iterations=3):
         pass
     return image, trainer

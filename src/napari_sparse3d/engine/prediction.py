@@ -190,7 +190,7 @@ class TilePredictor:
             if self.prior_map is not None:
                 probs = torch.from_numpy(np.asarray(self.prior_map[(slice(None), *inside)], dtype=np.float32))
             else:
-                probs = prior(self.model.pixel_head, volume, self.norm, inside).float().cpu()
+                probs = prior(self.model.pixel_head, volume, self.norm, inside, dtype=self.dtype).float().cpu()
             image[(slice(volume.channels, None), *within)] = probs
         return image.to(self.device), lo
 

@@ -135,7 +135,7 @@ class Trainer:
         self.data = TrainingData(
             volumes, self.normalizations, plan.annotations, class_values=self.class_values, patch_size=self.patch_size,
             tc=tc, spacing=self.spacing, seed=self.seed, head=self.model.pixel_head,
-            fit_dtype=torch.bfloat16 if self.precision == torch.bfloat16 else torch.float32,
+            head_dtype=torch.bfloat16 if self.precision == torch.bfloat16 else torch.float32,
         )
         self.sampler = self.data.sampler
         self.spatial = SpatialAugment.from_config(tc, self.spacing)

@@ -48,9 +48,10 @@ class TrainingData:
     head : PixelClassifier, optional
         The network's pixel classifier: fitted here on the training voxels of every volume
         (again after new annotations), its probabilities joining each image as extra channels.
-    fit_dtype : torch.dtype
-        ``torch.bfloat16`` fits the classifier under bfloat16 autocast (the trainer's
-        precision, where the hardware has it); otherwise float32.
+    head_dtype : torch.dtype
+        ``torch.bfloat16`` fits the classifier under bfloat16 autocast and computes its
+        probabilities' products in bfloat16 (the trainer's precision, where the hardware
+        has it; prediction then computes them the same way); otherwise float32.
     """
 
     def __init__(
@@ -65,10 +66,10 @@ class TrainingData:
         spacing: Sequence[float] | None,
         seed: int,
         head: PixelClassifier | None = None,
-        fit_dtype: torch.dtype = torch.float32,
+        head_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.volumes, self.normalizations = list(volumes), list(normalizations)
-        self.head, self.fit_dtype = head, fit_dtype
+        self.head, self.head_dtype = head, head_dtype
         self.class_values, self.patch_size, self.tc, self.seed = list(class_values), patch_size, tc, int(seed)
         self.foreground = [k for k, v in enumerate(self.class_values) if v != 0]
         spacing = spacing or (1.0, 1.0, 1.0)
@@ -103,9 +104,9 @@ class TrainingData:
         head = self.head
         assert head is not None
         items = list(zip(self.volumes, self.normalizations, self.training_targets))
-        head.fit(*training_samples(head, items, seed=self.seed), seed=self.seed, dtype=self.fit_dtype)
+        head.fit(*training_samples(head, items, seed=self.seed), seed=self.seed, dtype=self.head_dtype)
         for i, (volume, norm) in enumerate(zip(self.volumes, self.normalizations)):
-            probabilities = probability_map(head, volume, norm)
+            probabilities = probability_map(head, volume, norm, self.head_dtype)
             if isinstance(self.sources[i], WithPrior):
                 self.sources[i].probabilities = probabilities  # the samplers and the validator read it
             else:
