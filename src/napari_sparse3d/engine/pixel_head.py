@@ -125,7 +125,7 @@ class PixelClassifier(nn.Module):
         ``dtype`` ``torch.bfloat16`` runs the perceptrons' products in bfloat16 (the
         filters and the softmax stay float32), where the trainer's precision is bfloat16:
         on a CPU with native bfloat16 about 2.4x faster, probabilities within about 0.04
-        (``benchmarks/results/classifier_bf16_probabilities.md``).
+        (``benchmarks/results/head_precision.md``).
         """
         shape = tuple(image.shape[1:])
         if not bool(self.fitted):

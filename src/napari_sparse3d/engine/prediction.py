@@ -367,9 +367,10 @@ def predict_volume(
     Returns ``(labels, probabilities)``; the probabilities ``(K, Z, Y, X)`` only with
     ``keep_probabilities``.  A zarr ``out`` gets each of its chunks written once, whole.
     ``normalization`` and ``prior_map`` as for :func:`predict_blocks` (``prior_map`` on
-    the grid that is predicted: the model's when resampled, as the trainer keeps it).  A ``spacing`` (the volume's voxel
-    size) more than 5% off the model's on some axis: predicted on the model's grid and
-    brought back to the volume's (:mod:`napari_sparse3d.engine.resample`).
+    the grid that is predicted: the model's when resampled, as the trainer keeps it).
+    A ``spacing`` (the volume's voxel size) more than 5% off the model's on some axis:
+    predicted on the model's grid and brought back to the volume's
+    (:mod:`napari_sparse3d.engine.resample`).
     """
     info = model_info(model)
     shape = volume.spatial_shape
