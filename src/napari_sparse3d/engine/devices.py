@@ -10,10 +10,12 @@ several times faster than float32 (see benchmarks/bench_precision.py).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["autocast", "cpu_supports_bf16", "release_cached_memory", "resolve_device", "resolve_precision"]
+__all__ = ["as_float16", "autocast", "cpu_supports_bf16", "release_cached_memory", "resolve_device", "resolve_precision"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -91,3 +93,17 @@ def release_cached_memory(device: torch.device) -> None:
     """Give the memory the allocator keeps cached on ``device`` back to the driver (CUDA; elsewhere nothing)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def as_float16(values: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """``values`` as float16 (into ``out``, same shape, when given), cast by torch.
+
+    numpy takes a slow path for the values below float16's normal range that
+    probabilities near 0 are full of: 0.3 s for 6 M of them, against 0.5 ms in
+    torch, for the same bits.
+    """
+    source = torch.from_numpy(np.ascontiguousarray(np.asarray(values), dtype=np.float32))
+    if out is None:
+        return source.half().numpy()
+    torch.from_numpy(out).copy_(source)
+    return out

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from napari_sparse3d.config import Config, resolve_config
+from napari_sparse3d.engine.devices import as_float16
 from napari_sparse3d.engine.volume import TrainingInputs
 from napari_sparse3d.io.arrays import chunks_for, image_hash
 from napari_sparse3d.io.files import check_output_path, fsync_tree, replace_with, write_json
@@ -358,7 +359,7 @@ class Project(VersionedStore):
                 raise ValueError(f"prediction must have the project's shape {self.shape}, got {labels.shape}")
             new = {"prediction": self._write_array("prediction", labels, "prediction")}
             if probabilities is not None:
-                new["probabilities"] = self._write_array("probabilities", np.asarray(probabilities, np.float16), "probabilities")
+                new["probabilities"] = self._write_array("probabilities", as_float16(probabilities), "probabilities")
             self._guarded_commit({}, new, "prediction")
 
     def save_config(self, config: Config | str | Mapping[str, Any] | None) -> None:
