@@ -66,6 +66,19 @@ def test_a_block_read_with_its_halo_has_the_responses_of_the_whole_volume():
     torch.testing.assert_close(part, whole[(slice(None), *box)], atol=2e-4, rtol=1e-4)
 
 
+def test_the_responses_of_several_channels_are_each_channels_own_in_channel_major_order():
+    rng = np.random.default_rng(1)
+    image = torch.from_numpy(rng.normal(size=(2, 12, 20, 18)).astype(np.float32))
+    sigmas = scaled_sigmas(None, (1.0, 2.0))
+    both = filter_bank(image, sigmas)
+    own = [filter_bank(image[c : c + 1], sigmas) for c in range(2)]
+    assert both.shape == (2 * 2 * 5, 12, 20, 18)
+    assert torch.equal(both, torch.cat(own)) and not torch.equal(own[0], own[1])
+    # per scale: the smoothed image first, then the gradient magnitude (>= 0), then ascending eigenvalues
+    gradient, eigen = own[0][1::5], torch.stack([own[0][k::5] for k in (2, 3, 4)])
+    assert (gradient >= 0).all() and (eigen[0] <= eigen[1]).all() and (eigen[1] <= eigen[2]).all()
+
+
 def test_block_boxes_tile_the_volume_once():
     shape = (13, 100, 37)
     covered = np.zeros(shape, int)
