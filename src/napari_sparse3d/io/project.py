@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 
 from napari_sparse3d.config import Config, resolve_config
-from napari_sparse3d.engine.devices import as_float16
 from napari_sparse3d.engine.volume import TrainingInputs
 from napari_sparse3d.io.arrays import chunks_for, image_hash
 from napari_sparse3d.io.files import check_output_path, fsync_tree, replace_with, write_json
@@ -359,6 +358,8 @@ class Project(VersionedStore):
                 raise ValueError(f"prediction must have the project's shape {self.shape}, got {labels.shape}")
             new = {"prediction": self._write_array("prediction", labels, "prediction")}
             if probabilities is not None:
+                from napari_sparse3d.engine.devices import as_float16  # torch: not at import (napari reads this module)
+
                 new["probabilities"] = self._write_array("probabilities", as_float16(probabilities), "probabilities")
             self._guarded_commit({}, new, "prediction")
 
