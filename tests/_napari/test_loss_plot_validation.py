@@ -53,3 +53,29 @@ def test_a_new_job_forgets_the_old_dice(qtbot):
     view.begin(budgeted=True, clear_plot=True)
     assert view.plot.val_dices == [] and view.plot.val_iterations == []
     assert _dice_pixels(view.plot) == 0  # an empty plot paints its placeholder
+
+
+def test_a_job_that_ends_while_napari_builds_its_bar_leaves_no_bar_open(qtbot, monkeypatch):
+    """napari's ``progress()`` runs Qt events while it builds the bar's widget: the job's end can be handled first."""
+    import napari.utils
+
+    view = ProgressView()
+    qtbot.addWidget(view)
+    view.begin(budgeted=False, clear_plot=True)
+    real, made = napari.utils.progress, []
+
+    def progress_that_runs_the_end_of_the_job(*args, **kwargs):
+        view.finished(1.0, cancelled=False, error=None)  # what the events processed meanwhile did
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(napari.utils, "progress", progress_that_runs_the_end_of_the_job)
+    view.restart()  # the prediction's own bar
+    assert len(made) == 1 and made[0].desc.startswith("napari-sparse3d: predicting")
+    assert made[0] not in real._all_instances  # closed: napari's activity dock no longer shows it
+    assert view.activity is None
+    monkeypatch.setattr(napari.utils, "progress", real)
+    view.begin(budgeted=False, clear_plot=False)  # the next job gets its bar as usual
+    assert view.activity is not None and view.activity in real._all_instances
+    view.finished(1.0, cancelled=False, error=None)
+    assert view.activity is None

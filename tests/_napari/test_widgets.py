@@ -189,8 +189,9 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot):
         assert side.mirror.mirror_of(state.uncertainty_layer) is not None
 
 
-def test_training_and_prediction_show_in_napari_activity_dock(make_napari_viewer, qtbot, monkeypatch):
+def test_training_and_prediction_show_in_napari_activity_dock(make_napari_viewer, qtbot):
     from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
+    from napari.utils import progress
     from qtpy.QtCore import QTimer
 
     from napari_sparse3d._napari.progress import INDICATOR_FPS, indicator_movie
@@ -213,22 +214,25 @@ def test_training_and_prediction_show_in_napari_activity_dock(make_napari_viewer
     timer.setInterval(50)
     timer.timeout.connect(look)
     timer.start()
-    shown = train.progress_view.predicting
+    # the bars napari's activity dock was given: a prediction from the trainer's map can begin and end
+    # between two ticks of the timer
+    opened = []
+    registry = progress._all_instances.events.changed
 
-    def predicting(report):  # a prediction from the trainer's map can end within one tick of the timer: look then too
-        shown(report)
-        look()
+    def record(event):
+        opened.extend(p.desc for p in event.added)
 
-    monkeypatch.setattr(train.progress_view, "predicting", predicting)
+    registry.connect(record)
     assert train.start(warm=False, max_iterations=60)
     _wait_done(qtbot, train)
     timer.stop()
+    registry.disconnect(record)
     assert train.last_error is None
     training = [(value, top) for text, value, top in seen if text.startswith("napari-sparse3d: training")]
     assert training and max(value for value, _ in training) > 0, seen[-5:]
     values = [value for value, _ in training]
     assert values == sorted(values)  # it only moves forward
-    assert any(text.startswith("napari-sparse3d: predicting") for text, _, _ in seen)
+    assert opened[0] == "napari-sparse3d: starting" and "napari-sparse3d: predicting" in opened, opened
     # the job's bars leave the activity dock when it ends
     qtbot.waitUntil(lambda: not [b for b in dialog.findChildren(QtLabeledProgressBar) if b.isVisible()], timeout=5_000)
     # napari's "in progress" GIF played slowly while the job ran (see progress.py), and at its own speed after

@@ -72,6 +72,7 @@ class ProgressView(QWidget):
         self.budgeted = False  # the job trains for a time budget: show the time left
         self.val_dice: float | None = None
         self.activity: Any = None  # the job's napari.utils.progress (napari's activity dock shows it)
+        self._opened = 0  # counts bars opened and closed (see _open_activity)
         self._activity_shown = (-1.0, -1)  # when, and at which value, it was last updated
         self._indicator: tuple[QMovie, int] | None = None  # napari's animation we slowed, and its speed
         layout = QVBoxLayout(self)
@@ -87,10 +88,7 @@ class ProgressView(QWidget):
         if clear_plot:
             self.plot.clear()
         self._close_activity()
-        from napari.utils import progress
-
-        self.activity = progress(total=STEPS, desc="napari-sparse3d: starting")
-        self._activity_shown = (-1.0, -1)
+        self._open_activity("napari-sparse3d: starting")
         self._slow_indicator()
 
     def _slow_indicator(self) -> None:
@@ -112,7 +110,27 @@ class ProgressView(QWidget):
         activity.set_description(description)
         activity.update(max(0, value - activity.n))
 
+    def _open_activity(self, description: str) -> None:
+        """A new bar in napari's activity dock.
+
+        napari builds the bar's widget inside ``progress()`` and runs Qt events
+        there, so the job's next items, even its end, can be handled before
+        ``progress()`` returns: a bar whose job ended meanwhile is closed at once
+        instead of staying in the dock for good.
+        """
+        from napari.utils import progress
+
+        self._opened += 1
+        ticket = self._opened
+        activity = progress(total=STEPS, desc=description)
+        if ticket != self._opened:  # closed (or another bar opened) while napari built this one
+            activity.close()
+            return
+        self.activity = activity
+        self._activity_shown = (-1.0, -1)
+
     def _close_activity(self) -> None:
+        self._opened += 1  # a bar still being built is closed when it is done
         activity, self.activity = self.activity, None
         if activity is not None:
             activity.close()
@@ -146,10 +164,8 @@ class ProgressView(QWidget):
         self.bar.setValue(0)
         if self.activity is not None:  # a bar cannot count down: the prediction gets its own
             self.activity.close()
-            from napari.utils import progress
-
-            self.activity = progress(total=STEPS, desc="napari-sparse3d: predicting")
-            self._activity_shown = (-1.0, -1)
+            self.activity = None
+            self._open_activity("napari-sparse3d: predicting")
 
     def finished(self, seconds: float, *, cancelled: bool, error: BaseException | None) -> None:
         if error is None:
