@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import napari_sparse3d
+from napari_sparse3d.engine.annotations import prepare_annotations
 from napari_sparse3d.engine.training import Trainer
-from napari_sparse3d.engine.volume import as_volume, prepare_annotations
+from napari_sparse3d.engine.volume import as_volume
 from napari_sparse3d.evaluation.metrics import annotated_slice_mask, mean_foreground_dice
 from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
 
@@ -181,3 +182,25 @@ def test_warm_start_with_a_subset_of_classes_keeps_the_models_class_order(small_
     res = napari_sparse3d.run(image, only_two, annotated_slices=slices, max_iterations=1, config=tiny_config,
                               init=first.model)
     assert res.class_values == [0, 1, 2]
+
+
+def test_label_values_beyond_int64_come_back_exactly(tiny_config, tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 16, 16)).astype(np.float32)
+    labels = np.zeros(image.shape, np.uint64)
+    labels[4, :8], labels[4, 8:12] = 2**64 - 1, 2**63 + 5
+    res = napari_sparse3d.run(image, labels, annotated_slices={0: [4]}, max_iterations=2, config=tiny_config, device="cpu")
+    values = [0, 2**63 + 5, 2**64 - 1]
+    assert res.class_values == values and res.labels.dtype == np.uint64
+    np.testing.assert_array_equal(res.labels, np.array(values, np.uint64)[res.probabilities.argmax(0)])
+    path = res.save(tmp_path / "model.pt")
+    np.testing.assert_array_equal(napari_sparse3d.predict(image, path, device="cpu"), res.labels)
+
+
+def test_torch_tensors_and_nested_lists_are_inputs_too(small_volume, tiny_config):
+    image, labels, _, slices = small_volume
+    kwargs = dict(annotated_slices=slices, max_iterations=2, config=tiny_config, device="cpu", seed=0)
+    expected = napari_sparse3d.run(image, labels, **kwargs).labels
+    got = napari_sparse3d.run(torch.from_numpy(image), labels.tolist(), **kwargs).labels
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(napari_sparse3d.run(torch.from_numpy(image).bfloat16(), labels, **kwargs).labels.shape, image.shape)

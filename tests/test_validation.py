@@ -79,6 +79,12 @@ CASES = {
     "channel axis on 3D": (dict(channel_axis=0), ValueError, r"image with a channel_axis must be 4D"),
     "bad background label": (dict(background_label=0), ValueError, r"background_label must be a label value >= 1"),
     "progress not callable": (dict(progress="yes"), TypeError, r"progress must be a callable"),
+    # finite float64 values that float32 (the engine's type) cannot hold: not "NaN or infinite"
+    "image beyond float32": (dict(image=_good()[0].astype(np.float64) * 1e39), ValueError,
+                             r"image has values beyond float32's range \(largest magnitude [\d.]+e\+3[89], float32 holds up to 3.4e\+38\)"),
+    "float labels beyond int64": (dict(labels=_good()[1] * 2.0**63), ValueError,
+                                  r"labels contain values beyond the integer range \(largest 9\.22337e\+18\)"),
+    "negative float labels": (dict(labels=-_good()[1].astype(np.float32)), ValueError, r"labels contain negative values \(min -1\)"),
 }
 
 
@@ -158,7 +164,7 @@ def test_new_classes_on_warm_start_are_refused(trained):
     image, labels, slices = _good()
     labels[6, 2:4, 2:4] = 4
     with pytest.raises(ValueError, match=r"labels hold values \[4\] that the model does not know"):
-        from napari_sparse3d.engine.volume import prepare_annotations
+        from napari_sparse3d.engine.annotations import prepare_annotations
 
         prepare_annotations(labels, SHAPE, slices, class_values=trained.sparse3d.class_values)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_sparse3d.engine.annotations import class_value_array
 from napari_sparse3d.engine.preprocess import round_up
 from napari_sparse3d.engine.trained import model_info
 from napari_sparse3d.engine.volume import as_volume
@@ -192,7 +193,7 @@ def export(
         probabilities = write_weights(wrapper, normalised, d)
         np.save(d / "test_input.npy", raw)
         np.save(d / "test_output.npy", probabilities)
-        save_orthogonal_views(d / "cover.png", raw[0, 0], np.asarray(info.class_values)[probabilities[0].argmax(0)])
+        save_orthogonal_views(d / "cover.png", raw[0, 0], class_value_array(info.class_values)[probabilities[0].argmax(0)])
         (d / "README.md").write_text(_documentation(info, name, classes), encoding="utf-8")
         input_id = spec.TensorId("raw")
         inputs = spec.InputTensorDescr(

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from napari_sparse3d.config import Config
+from napari_sparse3d.engine.annotations import prepare_annotations
 from napari_sparse3d.engine.objects import context_plan, object_extent
 from napari_sparse3d.engine.planning import plan_training
-from napari_sparse3d.engine.volume import as_volume, prepare_annotations
+from napari_sparse3d.engine.volume import as_volume
 from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, make_organ, sparse_annotations
 
 

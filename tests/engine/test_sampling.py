@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
+from napari_sparse3d.engine.annotations import prepare_annotations
 from napari_sparse3d.engine.augment import Augmenter
 from napari_sparse3d.engine.preprocess import compute_normalization, plan_patch_size
 from napari_sparse3d.engine.sampling import PatchSampler, class_weights
-from napari_sparse3d.engine.volume import as_volume, prepare_annotations
+from napari_sparse3d.engine.volume import as_volume
 
 
 def _sampler(small_volume, **kwargs):

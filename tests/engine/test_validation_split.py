@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from napari_sparse3d.config import ModelConfig
+from napari_sparse3d.engine.annotations import prepare_annotations
 from napari_sparse3d.engine.model import UNet3D
 from napari_sparse3d.engine.preprocess import Normalization
 from napari_sparse3d.engine.validation import MIN_CLASS_VOXELS, TILE, Validator, split_validation
-from napari_sparse3d.engine.volume import as_volume, prepare_annotations
+from napari_sparse3d.engine.volume import as_volume
 
 SHAPE = (24, 64, 64)
 IDENTITY = Normalization(lower=(-1e9,), upper=(1e9,), mean=(0.0,), std=(1.0,))  # values stay as they are

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from napari_sparse3d.engine.volume import Annotations
+from napari_sparse3d.engine.annotations import Annotations
 
 __all__ = ["context_plan", "object_extent"]
 

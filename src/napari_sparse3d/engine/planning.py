@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from napari_sparse3d.config import Config, default_preset
+from napari_sparse3d.engine.annotations import Annotations
 from napari_sparse3d.engine.model import UNet3D, build_model
 from napari_sparse3d.engine.objects import context_plan, object_extent
 from napari_sparse3d.engine.preprocess import Normalization, compute_normalization, dominant_slice_axis, plan_patch_size
 from napari_sparse3d.engine.trained import model_info, require_trained
-from napari_sparse3d.engine.volume import Annotations, VolumeLike
+from napari_sparse3d.engine.volume import VolumeLike
 
 __all__ = ["TrainingPlan", "plan_training"]
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from napari_sparse3d.config import PredictConfig
+from napari_sparse3d.engine.annotations import class_value_array
 from napari_sparse3d.engine.devices import autocast, resolve_device, resolve_precision
 from napari_sparse3d.engine.model import UNet3D
 from napari_sparse3d.engine.pixel_head import checked_prior_map, prior
@@ -166,8 +167,7 @@ class TilePredictor:
         self.window = resolve_window(info, model, self.shape, config)
         self.grid = WindowGrid(self.shape, self.window, config.overlap, config.gaussian_sigma)
         self.gauss = torch.from_numpy(gaussian_importance(self.window, config.gaussian_sigma)).to(dev)
-        self.class_values = np.asarray(info.class_values)
-        self.labels_dtype = np.min_scalar_type(max(int(self.class_values.max()), 1))
+        self.class_values = class_value_array(info.class_values)
 
     def tiles(self, chunks: Sequence[int] | None = None) -> list[Box]:
         return plan_tiles(self.shape, self.window, self.config.tile_voxels, chunks)
@@ -225,7 +225,7 @@ class TilePredictor:
         labels = class_argmax(acc).cpu().numpy()
         probabilities = acc.cpu().numpy()
         del acc
-        return Block(tile, probabilities, self.class_values[labels].astype(self.labels_dtype))
+        return Block(tile, probabilities, self.class_values[labels])
 
 
 def predict_blocks(

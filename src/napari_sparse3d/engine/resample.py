@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_sparse3d.engine.annotations import class_value_array
 from napari_sparse3d.engine.volume import Box, VolumeLike, check_spacing, int3
 
 __all__ = [
@@ -188,7 +189,7 @@ def labels_on_grid(
     ``out`` (default: a new numpy array).  Returns ``(out, probabilities)``,
     the probabilities ``(K, Z, Y, X)`` only with ``keep_probabilities``.
     """
-    values = np.asarray(class_values)
+    values = class_value_array(class_values)
     dtype = np.min_scalar_type(max(int(values.max()), 1))
     z, y, x = int3(shape)
     if out is None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from napari_sparse3d.config import Config
+from napari_sparse3d.engine.annotations import Annotations, prepare_annotations
 from napari_sparse3d.engine.deform import SpatialAugment
 from napari_sparse3d.engine.devices import autocast, release_cached_memory, resolve_device, resolve_precision
 from napari_sparse3d.engine.losses import SparseLoss
@@ -34,7 +35,7 @@ from napari_sparse3d.engine.planning import plan_training
 from napari_sparse3d.engine.sampling import Prefetcher
 from napari_sparse3d.engine.trained import HISTORY_LIMIT, ModelInfo, model_info, thin_history
 from napari_sparse3d.engine.training_data import TrainingData, prepare_volumes
-from napari_sparse3d.engine.volume import Annotations, Volume, VolumeLike, as_volume, check_budget, prepare_annotations
+from napari_sparse3d.engine.volume import Volume, VolumeLike, as_volume, check_budget
 
 __all__ = ["TrainReport", "Trainer"]
 
@@ -67,8 +68,7 @@ class Trainer:
         The image (see :func:`napari_sparse3d.engine.volume.as_volume`), or several
         images at one spacing: patches are then drawn across all of them.
     annotations : Annotations or sequence of Annotations
-        From :func:`napari_sparse3d.engine.volume.prepare_annotations` (one per
-        volume, in one class order: :func:`~napari_sparse3d.engine.volume.prepare_many`).
+        From :mod:`~napari_sparse3d.engine.annotations` (one per volume, in one class order).
     spacing : (z, y, x) or None
     config : Config
     device : str

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from napari_sparse3d.config import TrainConfig
+from napari_sparse3d.engine.annotations import Annotations, prepare_many
 from napari_sparse3d.engine.augment import Augmenter
 from napari_sparse3d.engine.pixel_head import AS_IS, PixelClassifier, WithPrior, probability_map, training_samples
 from napari_sparse3d.engine.preprocess import Normalization
 from napari_sparse3d.engine.resample import ResampledVolume, model_grid
 from napari_sparse3d.engine.sampling import MultiSampler, PatchSampler, class_weights
 from napari_sparse3d.engine.validation import Validator, split_validation
-from napari_sparse3d.engine.volume import Annotations, Triple, Volume, VolumeLike, as_volume, prepare_many
+from napari_sparse3d.engine.volume import Triple, Volume, VolumeLike, as_volume
 
 __all__ = ["TrainingData", "at_model_spacing", "prepare_volumes", "resample_annotations"]
 

@@ -21,8 +21,7 @@ With too few annotations (fewer than :data:`MIN_VOXELS` annotated voxels, or a c
 :data:`MIN_CLASS_VOXELS`) nothing is held out: every voxel is needed for training, and a Dice on a few voxels
 would be noise.  Validation is then disabled and reported as ``None``.
 
-Memory: the split copies the target once (the training target) and returns the held-out target as one more int16
-volume; the :class:`Validator` keeps only its few patches, so the held-out volume can go once it is built.
+Memory: the split copies the target once and adds one int16 volume (held out); the :class:`Validator` keeps its patches.
 """
 
 from __future__ import annotations
@@ -34,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from napari_sparse3d.engine.annotations import Annotations
 from napari_sparse3d.engine.devices import autocast, release_cached_memory
 from napari_sparse3d.engine.preprocess import Normalization
-from napari_sparse3d.engine.volume import Annotations, Box, VolumeLike, int3
+from napari_sparse3d.engine.volume import Box, VolumeLike, int3
 
 __all__ = ["CLASS_SHARE_LIMIT", "MIN_CLASS_VOXELS", "MIN_VOXELS", "SLICE_SHARE_LIMIT", "TILE", "Validator", "split_validation"]
 

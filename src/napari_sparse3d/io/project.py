@@ -337,7 +337,7 @@ class Project(VersionedStore):
         """Save the labels and the register of fully annotated slices together (one commit)."""
         with self.lock:
             self._check_writable("annotations")
-            from napari_sparse3d.engine.volume import check_slices, integer_labels
+            from napari_sparse3d.engine.annotations import check_slices, integer_labels
 
             # work in progress may hold a single class: only what would corrupt the project is refused
             if tuple(np.shape(labels)) != self.shape:

@@ -128,7 +128,7 @@ def check_annotations(
     For saying what is wrong before a job starts, on the GUI thread (no torch).
     With ``extra`` volumes the classes are those of all volumes together.
     """
-    from napari_sparse3d.engine.volume import prepare_annotations, prepare_many
+    from napari_sparse3d.engine.annotations import prepare_annotations, prepare_many
 
     if not extra:
         prepare_annotations(labels, labels.shape, annotated_slices or None)
@@ -186,8 +186,8 @@ def update_trainer(
     ``extra`` must be the volumes the trainer was built with (:func:`build_trainer`);
     their annotations are resampled as their images were.
     """
+    from napari_sparse3d.engine.annotations import prepare_annotations
     from napari_sparse3d.engine.training_data import resample_annotations
-    from napari_sparse3d.engine.volume import prepare_annotations
 
     extra = list(extra or ())
     if len(extra) != len(trainer.volumes) - 1:
