@@ -126,9 +126,10 @@ def resolve_window(info: ModelInfo, model: torch.nn.Module, shape: Sequence[int]
         planned = plan_window(info.patch_size, divisor, shape, config.window_voxels)
         return fit_window(planned, info.patch_size, divisor, shape, config.overlap)
     window = int3(config.window)
-    bad = [w for w, d in zip(window, divisor) if w % d]
-    if bad:
+    if any(w % d for w, d in zip(window, divisor)):
         raise ValueError(f"config.predict.window {window} must be a multiple of the network's stride {divisor} per axis")
+    if all(w == d for w, d in zip(window, divisor)) and max(divisor) > 1:  # a 1x1x1 level cannot be normalised
+        raise ValueError(f"config.predict.window {window} leaves one voxel at the network's deepest level (stride {divisor})")
     return window
 
 

@@ -259,7 +259,7 @@ def plan_window(
     volume allows).  (Used by :mod:`napari_sparse3d.engine.prediction`.)
     """
     patch = np.asarray(patch_size, dtype=float)
-    limit = np.array([round_up(s, d) for s, d in zip(shape, divisor)], dtype=float)
+    limit = np.array(side_limits(shape, divisor, patch_size), dtype=float)
     size = np.minimum(patch, limit)
     free = size < limit
     for _ in range(3):
@@ -275,6 +275,21 @@ def plan_window(
         w = max(int(d), int(round(s / d)) * int(d))
         out.append(int(min(max(w, min(p, lim)), lim)))
     return int3(out)
+
+
+def side_limits(shape: Sequence[int], divisor: Sequence[int], patch: Sequence[int] | None = None) -> list[int]:
+    """The largest patch or window side per axis for a volume of ``shape``: each axis rounded up to the stride.
+
+    When that would leave the network's deepest level a single voxel (a volume no
+    larger than one stride ``divisor`` along every axis), the sides along the
+    downsampled axes are two strides instead (or ``patch``'s, if smaller): the window
+    is padded, since a 1x1x1 level cannot be instance-normalised.
+    """
+    limit = [round_up(int(s), int(d)) for s, d in zip(shape, divisor)]
+    if all(lim == int(d) for lim, d in zip(limit, divisor)) and max(int(d) for d in divisor) > 1:
+        patch = patch if patch is not None else [2 * int(d) for d in divisor]
+        limit = [max(lim, min(int(p), 2 * int(d))) if int(d) > 1 else lim for lim, p, d in zip(limit, patch, divisor)]
+    return limit
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -314,7 +329,7 @@ def plan_patch_size(
     benchmarks/label_efficiency.py: more accurate and less seed-dependent).
     """
     spacing = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), dtype=float)
-    limit = np.array([round_up(int(s), int(d)) for s, d in zip(shape, divisor)], dtype=float)
+    limit = np.array(side_limits(shape, divisor), dtype=float)
     size = 1.0 / spacing  # physical cube
     if flatten_axis is not None:
         cube_side = (target_voxels / np.prod(size)) ** (1 / 3) * size[flatten_axis]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from napari_sparse3d.engine.preprocess import round_up
+from napari_sparse3d.engine.preprocess import round_up, side_limits
 from napari_sparse3d.engine.volume import Box, box3
 
 __all__ = ["WindowGrid", "fit_window", "gaussian_importance", "plan_tiles", "window_starts"]
@@ -53,16 +53,15 @@ def fit_window(
     window stays as it was.
 
     Sides stay multiples of ``divisor``, at least the patch (or the volume) and at most the volume
-    rounded up.  The window keeps between ``shrink`` and ``grow`` times the voxels of ``window``
-    (instance normalisation takes its statistics over it), and its sides' ratios to ``window``'s
-    differ by at most ``aspect``.  Among the windows within ``slack`` of the least work, the one
-    nearest ``window`` is chosen.
+    rounded up (:func:`~napari_sparse3d.engine.preprocess.side_limits`).  The window keeps
+    between ``shrink`` and ``grow`` times the voxels of ``window`` (instance normalisation takes its
+    statistics over it), and its sides' ratios to ``window``'s differ by at most ``aspect``.  Among
+    the windows within ``slack`` of the least work, the one nearest ``window`` is chosen.
     """
     window, shape = [int(w) for w in window], [int(s) for s in shape]
     per_axis: list[dict[int, int]] = []  # per axis: candidate side -> voxels its windows compute along the axis
-    for w0, p, d, size in zip(window, patch, divisor, shape):
+    for w0, p, d, size, top in zip(window, patch, divisor, shape, side_limits(shape, divisor, patch)):
         d = max(int(d), 1)
-        top = round_up(size, d)
         low = max(d, min(int(p), top), math.ceil(w0 * shrink / d) * d)
         high = min(top, 2 * w0)
         step = d * max(1, -(-(high - low) // (_FIT_CANDIDATES * d)))  # a bounded search on any axis
