@@ -33,6 +33,20 @@ def test_preset_override_and_replace():
         ({"train": {"batchsize": 2}}, "unknown keys"),
         ({"training": {}}, "unknown sections"),
         ({"model": {"levels": 3, "kernel_sizes": [[3, 3, 3]]}}, "one entry per level"),
+        # NaN passes every comparison: each float field must be refused by name, not trained with
+        ({"train": {"dice_weight": float("nan")}}, r"config.train.dice_weight must be a finite number, got nan"),
+        ({"train": {"foreground_fraction": float("nan")}}, "config.train.foreground_fraction must be a finite"),
+        ({"train": {"rotate_degrees": float("nan")}}, "config.train.rotate_degrees must be a finite"),
+        ({"train": {"scale_range": float("nan")}}, "config.train.scale_range must be a finite"),
+        ({"train": {"validation": float("nan")}}, "config.train.validation must be a finite"),
+        ({"train": {"grad_clip": float("nan")}}, "config.train.grad_clip must be a finite"),
+        ({"train": {"learning_rate": float("inf")}}, r"config.train.learning_rate must be a finite number, got inf"),
+        ({"predict": {"gaussian_sigma": float("nan")}}, "config.predict.gaussian_sigma must be a finite"),
+        # 20 levels: strides of 2**19 voxels, a patch of exbibytes
+        ({"model": {"levels": 20}}, r"config.model.levels must be <= 8, got 20"),
+        ({"train": {"flip": "yes"}}, r"config.train.flip must be true or false, got 'yes'"),
+        ({"predict": {"mirror_tta": 1}}, r"config.predict.mirror_tta must be true or false, got 1"),
+        ({"model": 3}, r"config.model must be a mapping of fields, got 3"),
     ],
 )
 def test_invalid_config_names_the_field(data, match):

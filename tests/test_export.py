@@ -52,3 +52,24 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     napari_sparse3d.export(res.model, tmp_path / "model.zip")  # test tensors drawn from the training statistics
     with pytest.raises(ValueError, match="already exists"):
         napari_sparse3d.export(res.model, tmp_path / "model.zip")
+
+
+def test_a_multichannel_model_exports_with_its_image_and_a_nan_image_is_refused(tmp_path):
+    """Before: `export` had no --channel-axis, so a two-channel model could not be given its image; an image
+    holding NaN wrote a package whose test output was all NaN."""
+    image, single = _trained("image")
+    two = np.stack([image, image[:, ::-1]], axis=-1)  # channels last
+    truth = np.zeros(image.shape, np.uint8)
+    truth[12] = (image[12] > 1250) + 1
+    res = napari_sparse3d.run(two, truth, channel_axis=3, max_iterations=2, device="cpu", config=Config.from_dict({
+        "model": {"levels": 3, "base_features": 4}, "train": {"patch_size": [8, 32, 32], "batch_size": 2}}))
+    checkpoint = res.save(tmp_path / "two.pt")
+    np.save(tmp_path / "two.npy", two)
+    assert main(["export", str(checkpoint), str(tmp_path / "two.zip"), "--image", str(tmp_path / "two.npy"),
+                 "--channel-axis", "-1"]) == 0
+    assert load_description(tmp_path / "two.zip").validation_summary.status == "valid-format"
+    broken = image.copy()
+    broken[image.shape[0] // 2, 32, 32] = np.nan
+    with pytest.raises(ValueError, match=r"image: the test crop .* holds NaN or infinite values"):
+        napari_sparse3d.export(single.model, tmp_path / "nan.zip", image=broken)
+    assert not (tmp_path / "nan.zip").exists()

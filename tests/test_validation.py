@@ -73,7 +73,17 @@ CASES = {
     "spacing wrong length": (dict(spacing=(1.0, 1.0)), ValueError, r"spacing must be three"),
     "bad device": (dict(device="tpu"), ValueError, r"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"),
     "cuda without cuda": (dict(device="cuda"), ValueError, r"CUDA is not available"),
-    "bad seed": (dict(seed=-3), TypeError, r"seed must be a non-negative integer"),
+    "bad seed": (dict(seed=-3), TypeError, r"seed must be an integer in \[0, 2\*\*63\), got -3"),
+    "seed beyond int64": (dict(seed=2**64), TypeError, r"seed must be an integer in \[0, 2\*\*63\)"),
+    # an explicit patch is padded to its size: 512^3 of a 10x16x16 volume took 24 GB before it was refused
+    "patch larger than the volume": (dict(config={"train": {"patch_size": [512, 512, 512]}}), ValueError,
+                                     r"config.train.patch_size \(512, 512, 512\) is larger than the volume \(10, 16, 16\)"
+                                     r" allows: at most \(\d+, 16, 16\)"),
+    "NaN in the config": (dict(config={"train": {"dice_weight": float("nan")}}), ValueError,
+                          r"config.train.dice_weight must be a finite number, got nan"),
+    "missing image path and no labels": (dict(image="/nonexistent/p.zarr", labels=None), ValueError,
+                                         r"image: '/nonexistent/p.zarr' does not exist \(neither a file nor a project"),
+    "stop not an event": (dict(stop=True), TypeError, r"stop must be a threading.Event \(or None\), got bool"),
     "bad config type": (dict(config=3), TypeError, r"config must be None, a preset name, a dict or a Config"),
     "bad preset": (dict(config="huge"), ValueError, r"preset must be one of"),
     "channel axis on 3D": (dict(channel_axis=0), ValueError, r"image with a channel_axis must be 4D"),

@@ -62,8 +62,8 @@ class RunResult:
 
 
 def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise TypeError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return int(seed)
 
 
@@ -95,6 +95,7 @@ def run(
     background_label: int | None = None,
     init: ModelInput | None = None,
     checkpoint_every: float = 30.0,
+    stop: Any = None,
 ) -> RunResult | list[RunResult]:
     """Train a 3D U-Net on sparse annotations of ``image`` and segment all of it.
 
@@ -139,6 +140,9 @@ def run(
         A label value that means background everywhere (for scribbles).
     init : model or checkpoint, optional
         Warm start: continue training these weights.
+    stop : threading.Event, optional
+        Set it (from another thread, or a signal handler) to end training after
+        the step in progress; the prediction and the saving follow as usual.
 
     Returns
     -------
@@ -153,6 +157,8 @@ def run(
         For bad input, naming the argument, what was expected and what was given.
     """
     check_budget(max_seconds, max_iterations)
+    if stop is not None and not callable(getattr(stop, "is_set", None)):
+        raise TypeError(f"stop must be a threading.Event (or None), got {type(stop).__name__}")
     seed = _check_seed(seed)
     _check_progress(progress)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) or not checkpoint_every > 0:
@@ -160,7 +166,8 @@ def run(
     if max_seconds is None and max_iterations is None:
         max_seconds = DEFAULT_SECONDS
     budget = {"max_seconds": max_seconds, "max_iterations": max_iterations}
-    options = {"device": device, "seed": seed, "channel_axis": channel_axis, "background_label": background_label}
+    options = {"device": device, "seed": seed, "channel_axis": channel_axis, "background_label": background_label,
+               "stop": stop}
     many = is_many(image)
     images = list(image) if many else [image]
     n = len(images)
@@ -173,6 +180,8 @@ def run(
             name = f"image[{i}]" if many else "image"
             lab = None if lab is None else open_input(lab, name=f"labels[{i}]" if many else "labels")
             if not is_project(img):
+                if lab is None and isinstance(img, (str, os.PathLike)) and not Path(img).exists():  # a mistyped project
+                    raise ValueError(f"{name}: {str(img)!r} does not exist (neither a file nor a project folder)")
                 if lab is None:
                     raise TypeError(
                         f"{'labels[' + str(i) + ']' if many else 'labels'} must be an integer array or a path"
@@ -263,11 +272,14 @@ def _train_and_predict(
             project.save_annotations(own.labels, own.annotated_slices or {})
     history = []
     saver = CheckpointSaver(next((p for p in projects if p is not None), None), checkpoint_every)
+    stop = options.get("stop")
     for report in trainer.steps(**budget):
         history.append(report)
         saver.step(trainer.model)
         if progress is not None:
             progress(report)
+        if stop is not None and stop.is_set():
+            break
     trainer.release()
     saver.final(trainer.model)
     results = []

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PRESETS", "Config", "ModelConfig", "PredictConfig", "TrainConfig", "default_preset", "resolve_config"]
+__all__ = ["MAX_LEVELS", "PRESETS", "Config", "ModelConfig", "PredictConfig", "TrainConfig", "default_preset", "resolve_config"]
+
+
+MAX_LEVELS = 8  # of the U-Net: strides of up to 2**7 voxels
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -28,9 +32,24 @@ def _check_positive(name: str, value: Any, *, integer: bool = False, allow_zero:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):  # NaN passes every comparison below
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _check_at_most(name: str, value: Any, limit: int) -> None:
+    if value > limit:
+        raise ValueError(f"config.{name} must be <= {limit}, got {value!r}")
+
+
+def _check_flags(section: str, config: Any) -> None:
+    """Every ``bool`` field of a section holds a bool (JSON ``true``/``false``), not a string or a number."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("bool", bool) and not isinstance(value, bool):
+            raise TypeError(f"config.{section}.{f.name} must be true or false, got {value!r}")
 
 
 def _triple(name: str, value: Any) -> tuple[int, int, int] | None:
@@ -67,6 +86,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_positive("model.levels", self.levels, integer=True)
+        # each level halves the volume along some axes: beyond 8 a patch is hundreds of voxels a side
+        _check_at_most("model.levels", self.levels, MAX_LEVELS)
+        _check_flags("model", self)
         _check_positive("model.base_features", self.base_features, integer=True)
         _check_positive("model.max_features", self.max_features, integer=True)
         _check_choice("model.norm", self.norm, ("instance", "batch", "none"))
@@ -145,6 +167,7 @@ class TrainConfig:
         _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("train.warmup_steps", self.warmup_steps, integer=True, allow_zero=True)
         _check_choice("train.lr_schedule", self.lr_schedule, ("poly", "constant"))
+        _check_flags("train", self)
         _check_positive("train.grad_clip", self.grad_clip)
         _check_positive("train.dice_weight", self.dice_weight, allow_zero=True)
         _check_choice("train.class_balance", self.class_balance, ("none", "sqrt", "inverse"))
@@ -192,6 +215,7 @@ class PredictConfig:
         if self.overlap >= 1:
             raise ValueError(f"config.predict.overlap must be in [0, 1), got {self.overlap!r}")
         _check_positive("predict.batch_size", self.batch_size, integer=True)
+        _check_flags("predict", self)
         _check_positive("predict.gaussian_sigma", self.gaussian_sigma)
         if not (isinstance(self.window, str) and self.window in ("auto", "patch")):
             if isinstance(self.window, str):
@@ -225,6 +249,8 @@ class Config:
             raise ValueError(f"config has unknown sections {sorted(unknown)}; expected model, train, predict")
         parts = {}
         for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("predict", PredictConfig)):
+            if data.get(name) is not None and not isinstance(data[name], Mapping):
+                raise TypeError(f"config.{name} must be a mapping of fields, got {data[name]!r}")
             section = dict(data.get(name) or {})
             known = {f.name for f in dataclasses.fields(kind)}
             bad = set(section) - known

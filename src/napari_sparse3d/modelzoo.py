@@ -71,15 +71,18 @@ def _geometry(net: Any, patch: Sequence[int]) -> tuple[list[int], list[int], lis
     return halo, minimum, step, size
 
 
-def _test_input(image: Any, info: Any, size: Sequence[int], seed: int) -> np.ndarray:
+def _test_input(image: Any, info: Any, size: Sequence[int], seed: int, channel_axis: int | None = None) -> np.ndarray:
     """``(1, C, z, y, x)`` float32: the centre crop of ``image`` (padded by reflection where smaller), or noise."""
     if image is not None:
-        volume = as_volume(image)
+        volume = as_volume(image, channel_axis)
         if volume.channels != info.in_channels:
             raise ValueError(f"image has {volume.channels} channels, but the model was trained on {info.in_channels}")
         shape = volume.spatial_shape
         start = [max(0, (n - s) // 2) for n, s in zip(shape, size)]
         crop = np.asarray(volume.read(tuple(slice(a, a + s) for a, s in zip(start, size))), dtype=np.float32)
+        if not np.isfinite(crop).all():  # the package's test tensors would hold NaN: its own test fails
+            raise ValueError(f"image: the test crop {tuple(crop.shape[1:])} at {tuple(start)} holds NaN or infinite"
+                             " values; give an image without them (e.g. numpy.nan_to_num)")
         pad = [(0, 0)] + [(0, s - c) for s, c in zip(size, crop.shape[1:])]
         return np.pad(crop, pad, mode="reflect" if min(crop.shape[1:]) > 1 else "edge")[None]
     norm = info.normalization
@@ -152,6 +155,7 @@ def export(
     path: str | os.PathLike,
     *,
     image: Any = None,
+    channel_axis: int | None = None,
     name: str | None = None,
     description: str | None = None,
     authors: Sequence[str] = ("napari-sparse3d user",),
@@ -161,7 +165,7 @@ def export(
     """Write ``model_or_checkpoint`` as a bioimage.io model package (a zip) at ``path`` (see the module docstring).
 
     ``image`` (an array or a path) provides the test tensors and the cover; by
-    default they are drawn from the training statistics.  ``license`` is an SPDX
+    default they are drawn from the training statistics (``channel_axis``: that of a 4D ``image``).  ``license`` is an SPDX
     identifier.  Returns the path written.
     """
     from napari_sparse3d.engine.exported import ExportedUNet, torch_version, write_weights
@@ -185,7 +189,7 @@ def export(
     }))
     wrapper = ExportedUNet.wrapping(net.cpu(), kwargs)
     halo, minimum, step, size = _geometry(wrapper.net, info.patch_size)
-    raw = _test_input(image, info, size, seed=0)
+    raw = _test_input(image, info, size, seed=0, channel_axis=channel_axis)
     normalised, preprocessing = _preprocess(raw, info.normalization)
     name = name or f"napari-sparse3d 3D U-Net ({len(classes)} classes)"
     with tempfile.TemporaryDirectory() as folder:

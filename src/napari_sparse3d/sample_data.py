@@ -173,6 +173,9 @@ def make_vessels(
 
 def evenly_spaced_slices(shape: tuple[int, ...], per_axis: int) -> dict[int, list[int]]:
     """``per_axis`` slice indices per axis, evenly spaced and away from the borders."""
+    if isinstance(per_axis, bool) or not isinstance(per_axis, int) or not 1 <= per_axis < min(shape):
+        raise ValueError(f"per_axis (slices per axis) must be an integer from 1 to {min(shape) - 1} for a volume of shape"
+                         f" {tuple(shape)}, got {per_axis!r}")
     return {axis: [int(round((i + 1) * size / (per_axis + 1))) for i in range(per_axis)] for axis, size in enumerate(shape)}
 
 

@@ -68,6 +68,9 @@ def _edited(trained, tmp_path, edit):
         # each of these loaded before and then predicted one class only, or failed deep in numpy
         (lambda p: p["info"].update(class_values=[0, 0]), "class_values must be at least two different label values"),
         (lambda p: p["info"].update(patch_size=[0, 16, 16]), r"patch_size must be three positive sizes .* \[0, 16, 16\]"),
+        # a warm start continues the step count from the last entry: KeyError 'iteration' before
+        (lambda p: p["info"].update(history=[{}]), r"history\[0\] must be an object with a step number 'iteration'"),
+        (lambda p: p["info"].update(history="long"), "history must be a list of training steps, got str"),
         (lambda p: p["info"].update(patch_size=[p["info"]["patch_size"][0], p["info"]["patch_size"][1] + 1, 16]),
          "must be a multiple of the network's stride"),
     ],
@@ -104,3 +107,9 @@ def test_save_is_atomic_and_leaves_no_temporary_files(trained, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no partial file left behind
     for a, b in zip(load_checkpoint(path).parameters(), model.parameters()):
         assert torch.equal(a, b.detach().cpu())
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "model.pt").mkdir()
+    with pytest.raises(ValueError, match=r"checkpoint: '.*model.pt' is a folder; give the path of a checkpoint file"):
+        load_checkpoint(tmp_path / "model.pt")

@@ -338,6 +338,9 @@ def _tiny_checkpoint(project):
         (lambda m: m["image"].update(hash=None), "image.hash"),
         (lambda m: m["image"].update(dtype="object"), "image.dtype"),
         (lambda m: m.update(history={"loss": 1}), "history"),
+        # `napari-sparse3d project` described the last entry and failed with KeyError: 'iteration'
+        (lambda m: m.update(history=[{}]), "history[0]"),
+        (lambda m: m.update(history=[{"iteration": "5", "loss": 0.1}]), "history[0]"),
     ],
 )
 def test_a_malformed_manifest_names_the_file_and_field(project, edit, field):
@@ -448,3 +451,42 @@ def test_overwrite_replaces_only_a_project(project, victim, small_volume):
     np.testing.assert_array_equal(np.asarray(fresh.image()), image * 2)
     assert fresh.manifest["current"] == {}
     assert [p.name for p in project.path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(labels=np.ones((2, 2, 2), np.uint8)), r"labels must have the project's shape \(20, 36, 28\), got \(2, 2, 2\)"),
+        (dict(labels="ones", annotated_slices={0: [99]}), r"annotated_slices\[0\]: index 99 is out of range"),
+        (dict(labels="half"), "labels contain fractional values"),
+        (dict(annotated_slices={0: [4]}), "annotated_slices were given without labels"),
+        (dict(annotated_slices=[0, 1], labels="ones"), "annotated_slices must be a dict"),
+        (dict(config={"model": {"depth": -1}}), r"config.model has unknown keys \['depth'\]"),
+    ],
+)
+def test_a_refused_create_leaves_no_half_made_project(tmp_path, small_volume, kwargs, message):
+    """Each was refused only after the image was written: the corrected command then met 'already exists'."""
+    image = small_volume[0]
+    fills = {"ones": np.ones(image.shape, np.uint8), "half": np.full(image.shape, 0.5, np.float32)}
+    kwargs = {k: fills.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises((ValueError, TypeError), match=message):
+        Project.create(tmp_path / "p.zarr", image, **kwargs)
+    assert not (tmp_path / "p.zarr").exists()
+    Project.create(tmp_path / "p.zarr", image).close()  # the corrected command
+
+
+def test_a_stored_image_that_lost_chunks_is_refused_for_training(project):
+    """Unwritten zarr chunks read as 0: training would have learnt the annotations on a black image."""
+    project.close()
+    chunk = next(p for p in sorted((project.path / "image" / "c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    reopened = Project.open(project.path)  # described and displayed as it is
+    with pytest.raises(ValueError, match=r"image: '.*image' changed since the project was saved \(content hash differs\)"):
+        reopened.training_inputs()
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">f8", "<i2", "bool"])
+def test_a_stored_copy_of_any_byte_order_verifies(tmp_path, small_volume, dtype):
+    image = (small_volume[0] * 100).astype(dtype)
+    with Project.create(tmp_path / "p.zarr", image, labels=small_volume[1], annotated_slices=small_volume[3]) as created:
+        np.testing.assert_array_equal(np.asarray(created.training_inputs().image), image)

@@ -10,55 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from napari_sparse3d.cli.parser import build_parser, parse_slices, training_pairs, volume_slices
+from napari_sparse3d.cli.progress import Interrupt, Progress
 
 __all__ = ["main", "output_stems"]
 
 
 def _config(args: argparse.Namespace) -> Any:
     if args.config:
-        return json.loads(Path(args.config).read_text())
+        try:
+            return json.loads(Path(args.config).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--config: {args.config!r} is not a readable JSON file ({exc})") from None
     return args.preset
-
-
-class _Progress:
-    """A tqdm bar over the training budget, then over the prediction windows."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bar: Any = None
-        self.phase = ""
-
-    def __call__(self, report: Any) -> None:
-        if self.quiet:
-            return
-        from tqdm.auto import tqdm
-
-        from napari_sparse3d.engine.prediction import PredictReport
-
-        if isinstance(report, PredictReport):
-            if self.phase != "predict":
-                self._close()
-                self.phase = "predict"
-                self.bar = tqdm(total=report.windows_total, desc="predict", unit="window", file=sys.stderr)
-            self.bar.update(report.windows_done - self.bar.n)  # redraws at most every mininterval
-            return
-        if self.phase != "train":
-            self._close()
-            self.phase = "train"
-            self.bar = tqdm(
-                total=100, desc="train", file=sys.stderr, mininterval=0.5, bar_format="{l_bar}{bar}| {elapsed}{postfix}"
-            )
-        skipped = f", {report.skipped} skipped" if report.skipped else ""
-        self.bar.set_postfix_str(f"step {report.iteration}, loss {report.loss:.4f}{skipped}", refresh=False)
-        self.bar.update(round(100 * report.progress) - self.bar.n)
-
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def close(self) -> None:
-        self._close()
 
 
 def _spacing_from_file(args: argparse.Namespace, path: Any) -> None:
@@ -101,22 +64,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if args.output:
         _check_target(Path(args.output), args.overwrite, [*args.inputs, args.init])
-    progress = _Progress(args.quiet)
+    progress = Progress(args.quiet)
     if len(pairs) == 1 and not is_project(pairs[0][0]):
         _spacing_from_file(args, pairs[0][0])
     kwargs = _train_kwargs(args, slices=False)
-    if len(pairs) == 1:
-        kwargs["annotated_slices"] = volume_slices(args.slices, 1)[0]
-        res = run(pairs[0][0], pairs[0][1], progress=progress, **kwargs)
-    else:
-        kwargs["annotated_slices"] = volume_slices(args.slices, len(pairs))
-        res = run([p[0] for p in pairs], [p[1] for p in pairs], progress=progress, **kwargs)[0]
+    with Interrupt(progress) as interrupt:
+        if len(pairs) == 1:
+            kwargs["annotated_slices"] = volume_slices(args.slices, 1)[0]
+            res = run(pairs[0][0], pairs[0][1], progress=progress, stop=interrupt.stop, **kwargs)
+        else:
+            kwargs["annotated_slices"] = volume_slices(args.slices, len(pairs))
+            res = run([p[0] for p in pairs], [p[1] for p in pairs], progress=progress, stop=interrupt.stop,
+                      **kwargs)[0]
     progress.close()
     if args.output:
         print(f"checkpoint written to {res.save(args.output)}")
     if is_project(pairs[0][0]):
         print(f"project {pairs[0][0]}: latest checkpoint {Project.open(pairs[0][0]).checkpoint('latest')}")
-    print(f"trained {len(res.history)} steps on {len(pairs)} volume{'s' if len(pairs) > 1 else ''}")
+    early = " (stopped early by a signal)" if interrupt.stop.is_set() else ""
+    print(f"trained {len(res.history)} steps on {len(pairs)} volume{'s' if len(pairs) > 1 else ''}{early}")
     return 0
 
 
@@ -178,6 +144,9 @@ def output_stems(images: Sequence[str]) -> list[str]:
 def _check_target(target: Path, overwrite: bool, inputs: Sequence[Any]) -> None:
     from napari_sparse3d.io.files import check_output_path
 
+    if target.suffix.lower() != ".zarr" and target.is_dir() and not target.is_symlink():
+        raise ValueError(f"output: {str(target)!r} is a folder; give the path of the file to write"
+                         f" (e.g. {str(target / ('model' + (target.suffix or '.pt')))!r})")
     check_output_path(target, name="output", overwrite=overwrite, inputs=inputs,
                       what=f"{target.suffix.lower()} output of napari-sparse3d")
 
@@ -202,11 +171,19 @@ def _check_postprocess(args: argparse.Namespace, classes: Sequence[int], targets
 
 def _postprocess(args: argparse.Namespace, labels: Any, info: Any, boundary: int | None, inputs: Sequence[Any]) -> Any:
     """The labels cleaned as asked; writes the instances when asked."""
+    import numpy as np
+
     from napari_sparse3d.engine.postprocess import clean_labels, instances_from_prediction
     from napari_sparse3d.io.arrays import save_array
 
-    largest = [v for v in info.class_values if v != 0] if args.keep_largest else ()
-    labels = clean_labels(labels, min_size=args.min_size, keep_largest=largest)
+    # a model trained without unpainted background (classes 1, 2, ...) has no class 0: its lowest is background
+    background = 0 if 0 in info.class_values else min(info.class_values)
+    largest = [v for v in info.class_values if v != background] if args.keep_largest else ()
+    before = labels
+    labels = clean_labels(labels, min_size=args.min_size, keep_largest=largest, background=background)
+    if (labels == background).all() and not (np.asarray(before) == background).all():
+        print(f"warning: --min-size {args.min_size} removed every object: the labels are all background ({background})",
+              file=sys.stderr)
     if args.instances:
         instances = instances_from_prediction(labels, interior=args.interior, boundary=boundary, min_size=args.min_size,
                                               spacing=getattr(args, "spacing", None) or info.spacing)
@@ -223,6 +200,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from napari_sparse3d.io.checkpoint import load_checkpoint
     from napari_sparse3d.io.outputs import save_labels
 
+    if args.pyramid < 0 or (args.pyramid and args.format != "zarr"):
+        raise ValueError(f"--pyramid must be >= 0 and needs --format zarr, got {args.pyramid} with --format {args.format}")
     model = load_checkpoint(args.model)
     out_dir = Path(args.output_dir)
     targets = [out_dir / f"{stem}_labels.{args.format}" for stem in output_stems(args.images)]
@@ -235,7 +214,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.workers is not None or args.scheduler is not None:
         return _predict_on_cluster(args, model, targets, post)
     for image, target in zip(args.images, targets):
-        progress = _Progress(args.quiet)
+        progress = Progress(args.quiet)
         if args.format == "zarr" and not post:
             predict(image, model, out=str(target), overwrite=args.overwrite, device=args.device, progress=progress,
                     channel_axis=args.channel_axis, spacing=args.spacing, pyramid=args.pyramid)
@@ -276,7 +255,7 @@ def _predict_on_cluster(args: argparse.Namespace, model: Any, targets: Sequence[
     client = _cluster_client(args)
     try:
         for image, target in zip(args.images, targets):
-            progress = _Progress(args.quiet)
+            progress = Progress(args.quiet)
             result = predict_distributed(image, model, target, client=client, spacing=args.spacing,
                                          overwrite=args.overwrite, channel_axis=args.channel_axis, progress=progress,
                                          pyramid=args.pyramid)
@@ -309,6 +288,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.sample:
         if args.image or args.labels:
             raise SystemExit("napari-sparse3d run: give either IMAGE LABELS or --sample, not both")
+        if args.slices:
+            raise ValueError("--slices does not apply to --sample: its annotated slices are --sample-slices per axis")
         from napari_sparse3d.sample_data import evenly_spaced_slices, make_cells, sparse_annotations
 
         image, truth = make_cells(classes=3 if args.sample == "cells3" else 2)
@@ -321,6 +302,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         image, kwargs["annotated_slices"] = saved.image, saved.annotated_slices
         run_target = args.image
     else:
+        if args.image and not Path(args.image).exists():
+            raise ValueError(f"image: {args.image!r} does not exist (neither a file nor a project folder)")
         if not (args.image and args.labels):
             raise SystemExit("napari-sparse3d run: IMAGE and LABELS are required (or use --sample, or a project)")
         image, labels = load_array(args.image), load_array(args.labels, name="labels")
@@ -330,8 +313,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for name in names:  # refuse before training, not after
         _check_target(out_dir / name, args.overwrite, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = _Progress(args.quiet)
-    res = run(run_target if run_target is not None else image, labels, progress=progress, **kwargs)
+    progress = Progress(args.quiet)
+    with Interrupt(progress) as interrupt:
+        res = run(run_target if run_target is not None else image, labels, progress=progress, stop=interrupt.stop,
+                  **kwargs)
     progress.close()
     save_array(out_dir / "labels.tif", res.labels, overwrite=args.overwrite, inputs=inputs)
     res.save(out_dir / "model.pt")
@@ -343,6 +328,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           spacing=args.spacing)
     summary: dict[str, Any] = {
         "iterations": len(res.history),
+        "stopped_early": interrupt.stop.is_set(),
         "final_loss": res.history[-1].loss,
         "train_seconds": res.history[-1].elapsed,
         "patch_size": list(res.patch_size),
@@ -362,7 +348,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from napari_sparse3d.modelzoo import export
 
-    written = export(args.model, args.package, image=args.image, name=args.name, license=args.license,
+    written = export(args.model, args.package, image=args.image, channel_axis=args.channel_axis, name=args.name,
+                     license=args.license,
                      authors=args.author or ("napari-sparse3d user",), overwrite=args.overwrite)
     print(f"{args.model} -> {written}")
     return 0
@@ -382,6 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except (argparse.ArgumentTypeError, ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
         parser.exit(2, f"napari-sparse3d {args.command}: error: {exc}\n")
+    except FloatingPointError as exc:  # training diverged; the message says what to change
+        parser.exit(1, f"napari-sparse3d {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"\nnapari-sparse3d {args.command}: interrupted; outputs are written whole or not at all,"
+                         " so none was left half-written\n")
     return 1
 
 

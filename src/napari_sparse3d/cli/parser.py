@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("package", help="the package to write (.zip)")
     exp.add_argument("--image", help="a volume to cut the test tensors and the cover from (default: drawn from the"
                      " training statistics)")
+    exp.add_argument("--channel-axis", type=int, help="the channel axis of a 4D (multichannel) --image")
     exp.add_argument("--name", help="the model's name in the package")
     exp.add_argument("--author", action="append", help="an author's name (repeatable)")
     exp.add_argument("--license", default="CC-BY-4.0", help="SPDX licence identifier of the weights (default CC-BY-4.0)")

@@ -16,7 +16,10 @@ import numpy as np
 
 from napari_sparse3d.engine.volume import check_numeric, from_torch
 
-__all__ = ["Annotations", "check_slices", "class_value_array", "integer_labels", "prepare_annotations", "prepare_many"]
+__all__ = [
+    "Annotations", "check_slices", "class_value_array", "integer_labels", "prepare_annotations", "prepare_many",
+    "stored_annotations",
+]
 
 
 def check_slices(annotated_slices: Any, shape: Sequence[int]) -> dict[int, list[int]]:
@@ -129,6 +132,21 @@ def integer_labels(labels: Any) -> np.ndarray:
     if arr.min() < 0:
         raise ValueError(f"labels contain negative values (min {int(arr.min())}); use 0 for not annotated, >= 1 for classes")
     return arr
+
+
+def stored_annotations(
+    labels: Any, annotated_slices: Any, shape: Sequence[int]
+) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """Labels and fully annotated slices as a project stores them, or the error that says what is wrong.
+
+    Work in progress may hold a single class or none: only what would corrupt a project is refused.
+    """
+    if labels is None:
+        raise ValueError("annotated_slices were given without labels: give the labels painted in them")
+    if tuple(np.shape(labels)) != tuple(shape):
+        raise ValueError(f"labels must have the project's shape {tuple(shape)}, got {tuple(np.shape(labels))}")
+    slices = check_slices(annotated_slices or {}, shape)
+    return integer_labels(labels), {a: v for a, v in slices.items() if v}
 
 
 def prepare_annotations(

@@ -20,7 +20,13 @@ from napari_sparse3d.config import Config, default_preset
 from napari_sparse3d.engine.annotations import Annotations
 from napari_sparse3d.engine.model import UNet3D, build_model
 from napari_sparse3d.engine.objects import context_plan, object_extent
-from napari_sparse3d.engine.preprocess import Normalization, compute_normalization, dominant_slice_axis, plan_patch_size
+from napari_sparse3d.engine.preprocess import (
+    Normalization,
+    compute_normalization,
+    dominant_slice_axis,
+    plan_patch_size,
+    side_limits,
+)
 from napari_sparse3d.engine.trained import model_info, require_trained
 from napari_sparse3d.engine.volume import VolumeLike
 
@@ -107,6 +113,13 @@ def plan_training(
         )
         if any(p % d for p, d in zip(patch_size, model.divisor)):
             raise ValueError(f"config.train.patch_size {patch_size} must be a multiple of the network's stride {model.divisor}")
+        limit = tuple(side_limits(largest, model.divisor))
+        if config.train.patch_size is not None and any(p > lim for p, lim in zip(patch_size, limit)):
+            # a patch is padded to its size: far beyond the volume that is memory spent on padding alone
+            raise ValueError(
+                f"config.train.patch_size {tuple(patch_size)} is larger than the volume {largest} allows: at most"
+                f" {limit} (the volume rounded up to the network's stride {tuple(model.divisor)})"
+            )
         plan = TrainingPlan(
             model=model,
             config=config,

@@ -115,8 +115,20 @@ class ModelInfo:
             patch_size=patch_size,
             spacing=check_spacing(data["spacing"]),
             in_channels=int(data["in_channels"]),
-            history=list(data.get("history", [])),
+            history=_checked_history(data.get("history", [])),
         )
+
+
+def _checked_history(history: Any) -> list[dict[str, Any]]:
+    """A checkpoint's training history: one object per step, with its number and loss (a warm start continues it)."""
+    if not isinstance(history, list):
+        raise ValueError(f"history must be a list of training steps, got {type(history).__name__}")
+    for i, entry in enumerate(history):
+        step = entry.get("iteration") if isinstance(entry, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0
+                and isinstance(entry.get("loss"), (int, float))):
+            raise ValueError(f"history[{i}] must be an object with a step number 'iteration' and a 'loss', got {entry!r}")
+    return list(history)
 
 
 def model_info(model: Any, name: str = "model") -> ModelInfo:
@@ -163,7 +175,8 @@ def to_payload(model: nn.Module, *, where: str, package_version: str) -> dict[st
 
 
 def write_payload(payload: dict[str, Any], path: str | os.PathLike) -> None:
-    torch.save(payload, path)
+    with open(path, "wb") as f:  # opened here, a refusal is an OSError naming the file (torch's own: a RuntimeError)
+        torch.save(payload, f)
 
 
 def _torch_version() -> tuple[int, int]:

@@ -46,11 +46,17 @@ def load_array(path: str | os.PathLike, *, name: str = "image") -> Any:
     if suffix in (".tif", ".tiff"):
         return _open_tiff(p, name)
     if suffix == ".npy":
-        return np.load(p, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.load(p, mmap_mode="r", allow_pickle=False)
+        except (EOFError, ValueError, OSError) as exc:  # empty, truncated, pickled or object arrays, a folder
+            raise ValueError(f"{name}: {str(p)!r} is not a readable .npy array of numbers ({exc})") from None
     if suffix == ".zarr" or ((p.is_dir() and (p / "zarr.json").exists()) or (p / ".zarray").exists()):
         import zarr
 
-        node = zarr.open(str(p), mode="r")
+        try:
+            node = zarr.open(str(p), mode="r")
+        except Exception as exc:  # zarr raises its own kinds (no group found, bad metadata JSON, ...)
+            raise ValueError(f"{name}: {str(p)!r} is not a readable zarr array or group ({exc})") from None
         if isinstance(node, zarr.Array):
             return _complete(node, p, name)
         from napari_sparse3d.io.ome import level0
@@ -210,15 +216,19 @@ def open_input(value: Any, *, name: str) -> Any:
     return value
 
 
-def image_hash(array: Any, *, block_voxels: int = 1 << 24) -> str:
-    """SHA-256 of an array's shape, dtype and values, read slab by slab (bounded memory)."""
+def image_hash(array: Any, *, block_voxels: int = 1 << 24, dtype: Any = None) -> str:
+    """SHA-256 of an array's shape, dtype and values, read slab by slab (bounded memory).
+
+    ``dtype``: hash the values as that dtype (a copy stored in native byte order, hashed as
+    the big-endian array it was made from, gives that array's hash)."""
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
     h = hashlib.sha256()
-    h.update(json.dumps([list(map(int, array.shape)), str(np.dtype(array.dtype))]).encode())
+    h.update(json.dumps([list(map(int, array.shape)), str(dtype)]).encode())
     if len(array.shape) == 0:
-        h.update(np.ascontiguousarray(np.asarray(array)).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(array), dtype=dtype).tobytes())
         return h.hexdigest()
     per_slab = max(1, int(np.prod(array.shape[1:], dtype=np.int64)))
     step = max(1, block_voxels // per_slab)
     for start in range(0, int(array.shape[0]), step):
-        h.update(np.ascontiguousarray(np.asarray(array[start : start + step])).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(array[start : start + step]), dtype=dtype).tobytes())
     return h.hexdigest()

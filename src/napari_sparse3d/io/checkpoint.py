@@ -35,6 +35,8 @@ def load_checkpoint(source: str | os.PathLike | dict, *, map_location: str = "cp
     if isinstance(source, dict):
         return from_payload(source, where="checkpoint dict")
     where = str(source)
+    if Path(source).is_dir():
+        raise ValueError(f"checkpoint: {where!r} is a folder; give the path of a checkpoint file (.pt)")
     if not Path(source).is_file():
         raise ValueError(f"checkpoint: file {where!r} does not exist")
     return from_payload(read_payload(source, where=where, map_location=map_location), where=where)

@@ -188,6 +188,7 @@ def check_output_path(
         s = Path(source)
         if _same(p, s) or (s.exists() and (is_within(s, p) or is_within(p, s))):
             raise ValueError(f"{name}: {str(p)!r} is (or contains, or lies inside) the input {str(s)!r}; choose another path")
+    _check_writable_folder(p, name)
     if not (p.exists() or p.is_symlink()):
         return p
     if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
@@ -202,6 +203,17 @@ def check_output_path(
             f"{name}: {str(p)!r} exists and is not an earlier {what}; refusing to replace it even with overwrite"
         )
     return p
+
+
+def _check_writable_folder(path: Path, name: str) -> None:
+    """Refuse, before any work, a path whose folder (or the first of its folders that exists) cannot be written."""
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:  # folders the writer will create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{name}: cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {str(path)!r}: the folder {str(folder)!r} is not writable")
 
 
 # -- one writer at a time -----------------------------------------------------------------

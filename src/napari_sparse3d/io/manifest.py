@@ -152,6 +152,9 @@ def validate_manifest(manifest: Any, path: str | os.PathLike) -> dict[str, Any]:
     history = manifest.get("history", [])
     if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
         raise fail("history", "a list of objects", history)
+    for i, entry in enumerate(history):  # a training step each: its number and its loss (NaN for a skipped one)
+        if not (is_int(entry.get("iteration")) and entry["iteration"] >= 0 and isinstance(entry.get("loss"), (int, float))):
+            raise fail(f"history[{i}]", "an object with a step number 'iteration' and a 'loss'", entry)
     for field in ("best_loss",):
         if manifest.get(field) is not None and not is_number(manifest[field]):
             raise fail(field, "a finite number", manifest[field])

@@ -101,6 +101,7 @@ class Project(VersionedStore):
         *project* there is replaced (never any other folder, nor the image's file), and
         only once the new one is complete.
         """
+        from napari_sparse3d.engine.annotations import stored_annotations
         from napari_sparse3d.engine.volume import as_volume, check_spacing
 
         path = Path(path)
@@ -115,6 +116,9 @@ class Project(VersionedStore):
         volume = as_volume(image)
         spacing = check_spacing(spacing)
         shape = volume.spatial_shape
+        config = None if config is None else resolve_config(config)  # refused before anything is written
+        if labels is not None or annotated_slices:
+            labels, annotated_slices = stored_annotations(labels, annotated_slices, shape)
         replacing = path.exists() and any(path.iterdir())
         old_lock = take_writer_lock(path) if replacing else None  # do not replace a project someone writes into
         target = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:12]}") if replacing else path
@@ -214,13 +218,13 @@ class Project(VersionedStore):
         """The fully annotated slices, ``{axis: [indices]}``, as last saved."""
         return {int(a): [int(i) for i in v] for a, v in (self.manifest.get("annotated_slices") or {}).items()}
 
-    def image(self) -> Any:
-        """The image: the stored copy (a lazy zarr array) or the referenced file, checked against its hash."""
+    def image(self, *, verify: bool = False) -> Any:
+        """The image (the stored copy, lazy, or the referenced file), checked against its hash (a copy with ``verify``)."""
         ref = self.manifest["image"]
         if ref.get("path") is None:
             import zarr
 
-            array = zarr.open_array(str(self.path / "image"), mode="r")
+            array, source = zarr.open_array(str(self.path / "image"), mode="r"), str(self.path / "image")
         else:
             from napari_sparse3d.io.arrays import load_array
 
@@ -228,11 +232,12 @@ class Project(VersionedStore):
             if not Path(source).exists():
                 raise ValueError(f"image: the project's image {source!r} is missing; move it back or pass image=")
             array = load_array(source, name="image")
-            if image_hash(array) != ref["hash"]:
-                raise ValueError(
-                    f"image: {source!r} changed since the project was saved (content hash differs); the annotations"
-                    " may no longer fit it. Restore the original file or make a new project"
-                )
+        stored_as = ref["dtype"] if ref.get("path") is None else None  # the dtype it was hashed as
+        if (verify or ref.get("path") is not None) and image_hash(array, dtype=stored_as) != ref["hash"]:
+            raise ValueError(
+                f"image: {source!r} changed since the project was saved (content hash differs); the annotations"
+                " may no longer fit it. Restore the original or make a new project"
+            )
         if list(array.shape) != ref["shape"]:
             raise ValueError(
                 f"{self.path / MANIFEST!s}: the image has shape {tuple(array.shape)}, the manifest says {tuple(ref['shape'])}"
@@ -324,7 +329,7 @@ class Project(VersionedStore):
             labels, saved = self.annotations()
             annotated_slices = saved if annotated_slices is None else annotated_slices
         return TrainingInputs(
-            image=self.image(),
+            image=self.image(verify=True),
             labels=labels,
             annotated_slices=annotated_slices,
             spacing=self.spacing if spacing is None else spacing,
@@ -337,14 +342,9 @@ class Project(VersionedStore):
         """Save the labels and the register of fully annotated slices together (one commit)."""
         with self.lock:
             self._check_writable("annotations")
-            from napari_sparse3d.engine.annotations import check_slices, integer_labels
+            from napari_sparse3d.engine.annotations import stored_annotations
 
-            # work in progress may hold a single class: only what would corrupt the project is refused
-            if tuple(np.shape(labels)) != self.shape:
-                raise ValueError(f"labels must have the project's shape {self.shape}, got {tuple(np.shape(labels))}")
-            labels = integer_labels(labels)
-            slices = check_slices(annotated_slices or {}, self.shape)
-            slices = {a: v for a, v in slices.items() if v}
+            labels, slices = stored_annotations(labels, annotated_slices, self.shape)
             name = self._write_array("annotations", labels, "annotations")
             changes = {"annotated_slices": {str(a): v for a, v in slices.items()}}
             self._guarded_commit(changes, {"annotations": name}, "annotations")
