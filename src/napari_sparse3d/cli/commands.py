@@ -176,14 +176,11 @@ def _postprocess(args: argparse.Namespace, labels: Any, info: Any, boundary: int
     from napari_sparse3d.engine.postprocess import clean_labels, instances_from_prediction
     from napari_sparse3d.io.arrays import save_array
 
-    # a model trained without unpainted background (classes 1, 2, ...) has no class 0: its lowest is background
-    background = 0 if 0 in info.class_values else min(info.class_values)
-    largest = [v for v in info.class_values if v != background] if args.keep_largest else ()
+    largest = [v for v in info.class_values if v != 0] if args.keep_largest else ()
     before = labels
-    labels = clean_labels(labels, min_size=args.min_size, keep_largest=largest, background=background)
-    if (labels == background).all() and not (np.asarray(before) == background).all():
-        print(f"warning: --min-size {args.min_size} removed every object: the labels are all background ({background})",
-              file=sys.stderr)
+    labels = clean_labels(labels, min_size=args.min_size, keep_largest=largest)
+    if (labels == 0).all() and not (np.asarray(before) == 0).all():  # 0 need not even be a class of the model
+        print(f"warning: --min-size {args.min_size} removed every object: the labels are all 0", file=sys.stderr)
     if args.instances:
         instances = instances_from_prediction(labels, interior=args.interior, boundary=boundary, min_size=args.min_size,
                                               spacing=getattr(args, "spacing", None) or info.spacing)
